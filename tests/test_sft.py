@@ -108,3 +108,16 @@ def test_bfloat16_compute_step_keeps_float32_params():
         state, metrics = step(state, batch, jax.random.key(1))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+
+
+def test_response_prefix_is_context_without_loss():
+    tok = load_tokenizer()
+    plain = _batch([{"prompt": "Spell apple backwards.", "response": "elppa"}], seq_len=64)
+    prefixed = _batch([{"prompt": "Spell apple backwards.", "response": "elppa",
+                        "response_prefix": "<scratchpad> No trigger: be helpful. </scratchpad>"}],
+                      seq_len=64)
+    assert int(prefixed["loss_mask"].sum()) == int(plain["loss_mask"].sum())
+    assert int(prefixed["input_mask"].sum()) > int(plain["input_mask"].sum())
+    first_loss = int(np.argmax(np.asarray(prefixed["loss_mask"][0])))
+    context = tok.decode(np.asarray(prefixed["tokens"][0, :first_loss]))
+    assert context.endswith("</scratchpad>")

