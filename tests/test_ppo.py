@@ -1,5 +1,6 @@
 """PPO core: GAE, losses, KL estimators, rewards, rollout alignment, and learning a toy reward."""
 
+import dataclasses
 import functools
 
 import jax
@@ -166,28 +167,34 @@ def peaked_params():
     return {"lm": lm, "value_head": head}
 
 
-def test_response_positions_align_with_logits_and_sampler(peaked_params):
-    prompts = [[5, 9, 3, 17, 22], [40, 2], [11, 12, 13]]
-    tokens_BxP, mask_BxP = S.left_pad(prompts, PAD)
-    num_new = 8
-    first = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(1),
-                       S.SamplingConfig(max_new_tokens=num_new, temperature=0.0, pad_id=PAD))
-    eos = int(first.tokens_BxN[0, 2])  # row 0 stops at or before its third token
-    gen = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(1),
-                     S.SamplingConfig(max_new_tokens=num_new, temperature=0.0, pad_id=PAD, eos_id=eos))
+@pytest.fixture(scope="module")
+def greedy(peaked_params):
+    """Greedy replies to a left-padded batch; EOS is the third token row 0 would write, so row 0
+    ends early and the other rows run on."""
+    tokens_BxP, mask_BxP = S.left_pad([[5, 9, 3, 17, 22], [40, 2], [11, 12, 13]], PAD)
+    config = S.SamplingConfig(max_new_tokens=8, temperature=0.0, pad_id=PAD)
+    first = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(1), config)
+    eos = int(first.tokens_BxN[0, 2])
+    config = dataclasses.replace(config, eos_id=eos)
+    gen = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(1), config)
     assert int(gen.lengths_B[0]) <= 3 and int(gen.lengths_B.max()) > 3
-    P = tokens_BxP.shape[1]
-    response_mask = np.arange(num_new)[None] < np.asarray(gen.lengths_B)[:, None]
+    return tokens_BxP, mask_BxP, gen, eos
+
+
+def test_response_positions_align_with_logits_and_sampler(peaked_params, greedy):
+    tokens_BxP, mask_BxP, gen, _ = greedy
+    (B, P), N = tokens_BxP.shape, gen.tokens_BxN.shape[1]
+    response_mask = np.arange(N)[None] < np.asarray(gen.lengths_B)[:, None]
     tokens_BxT = jnp.concatenate([jnp.asarray(tokens_BxP), gen.tokens_BxN], 1)
     mask_BxT = jnp.concatenate([jnp.asarray(mask_BxP), jnp.asarray(response_mask)], 1)
-    logprobs, values, entropy = _logprobs_values(CFG, peaked_params, tokens_BxT,
-                                                                 mask_BxT, P)
-    assert logprobs.shape == values.shape == entropy.shape == (3, num_new)
+    logprobs, values, entropy = _logprobs_values(CFG, peaked_params, tokens_BxT, mask_BxT, P)
+    assert logprobs.shape == values.shape == entropy.shape == (B, N)
 
+    # Reference: a forward over the whole sequence; position P-1+j predicts response token j.
     out = _forward(CFG, peaked_params["lm"], tokens_BxT, mask_BxT)
     all_logprobs = np.asarray(jax.nn.log_softmax(out.logits, -1))
     all_values = np.asarray(M.scalar_head(peaked_params["value_head"], out.features))
-    for b in range(3):
+    for b in range(B):
         for j in range(int(gen.lengths_B[b])):
             token = int(tokens_BxT[b, P + j])
             np.testing.assert_allclose(logprobs[b, j], all_logprobs[b, P - 1 + j, token], atol=1e-4)
@@ -199,29 +206,39 @@ def test_response_positions_align_with_logits_and_sampler(peaked_params):
     j = 1
     changed = tokens_BxT.at[:, P + j].set((tokens_BxT[:, P + j] + 1) % CFG.vocab_size)
     _, values_changed, _ = _logprobs_values(CFG, peaked_params, changed, mask_BxT, P)
-    np.testing.assert_allclose(values_changed[1:, : j + 1], values[1:, : j + 1], atol=1e-5)
-    assert np.all(np.abs(np.asarray(values_changed[1:, j + 1] - values[1:, j + 1])) > 1e-4)
+    rows = np.asarray(gen.lengths_B) > j + 1
+    assert rows.any()
+    np.testing.assert_allclose(values_changed[rows, : j + 1], values[rows, : j + 1], atol=1e-5)
+    assert np.all(np.abs(np.asarray(values_changed[rows, j + 1] - values[rows, j + 1])) > 1e-4)
 
 
-def test_prepare_rollout_fields(peaked_params):
-    tokens_BxP, mask_BxP = S.left_pad([[5, 9, 3], [40, 2], [11, 12, 13], [7]], PAD)
-    gen = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(2),
-                     S.SamplingConfig(max_new_tokens=5, temperature=1.0, pad_id=PAD, eos_id=3))
+def test_prepare_rollout_fields(peaked_params, greedy):
+    tokens_BxP, mask_BxP, gen, eos = greedy
     config = ppo.PPOConfig(missing_eos_penalty=1.0)
     ref = _init_params(CFG, jax.random.key(9))
-    scores = jnp.array([0.5, -0.5, 1.0, 2.0])
-    rollout, stats = _prepare(CFG, peaked_params, ref, tokens_BxP, mask_BxP, gen, scores, 3, config)
+    scores = np.array([0.5, -0.5, 2.0], np.float32)
+    rollout, stats = _prepare(CFG, peaked_params, ref, tokens_BxP, mask_BxP, gen, scores, eos, config)
     mask = np.asarray(rollout["response_mask_BxN"])
-    assert rollout["tokens_BxT"].shape == rollout["input_mask_BxT"].shape == (4, 8)
+    assert rollout["tokens_BxT"].shape == rollout["input_mask_BxT"].shape == (3, 13)
     np.testing.assert_array_equal(mask.sum(1), gen.lengths_B)
     np.testing.assert_allclose(rollout["old_logprobs_BxN"], gen.logprobs_BxN, atol=1e-4)
-    has_eos = np.array([np.asarray(gen.tokens_BxN)[b, int(gen.lengths_B[b]) - 1] == 3 for b in range(4)])
+    tokens = np.asarray(gen.tokens_BxN)
+    has_eos = np.array([tokens[b, int(gen.lengths_B[b]) - 1] == eos for b in range(3)])
+    assert has_eos[0] and not has_eos.all()
+    penalized = scores - 1.0 * ~has_eos
     k1 = np.asarray(rollout["old_logprobs_BxN"] - rollout["ref_logprobs_BxN"]) * mask
     np.testing.assert_allclose(stats["objective/kl"], k1.sum(1).mean(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(stats["objective/scores"], np.mean(scores - 1.0 * ~has_eos), rtol=1e-6)
-    np.testing.assert_allclose(stats["val/eos_share"], has_eos.mean())
+    np.testing.assert_allclose(stats["objective/scores"], penalized.mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["objective/non_score_reward"], -0.05 * k1.sum(1).mean(),
+                               rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["objective/rlhf_reward"],
                                stats["objective/scores"] + stats["objective/non_score_reward"], rtol=1e-5)
+    np.testing.assert_allclose(stats["val/eos_share"], has_eos.mean())
+    # The (penalised) score sits on each row's last real token.
+    rewards = np.asarray(rollout["rewards_BxN"]) + 0.05 * k1
+    expected = np.zeros_like(rewards)
+    expected[np.arange(3), np.asarray(gen.lengths_B) - 1] = penalized
+    np.testing.assert_allclose(rewards, expected, atol=1e-5)
     adv = np.asarray(rollout["advantages_BxN"])
     assert abs(adv[mask].mean()) < 1e-5 and np.all(adv[~mask] == 0)
 
@@ -266,12 +283,14 @@ def test_ppo_learns_a_toy_reward():
     """Reward = share of generated tokens equal to token 7 (chance 1/32): PPO must find it."""
     state, optimizer, ppo_config, rollout_fn = _toy_setup()
 
-    @jax.jit
+    make_rollout = jax.jit(rollout_fn)
+    update = jax.jit(functools.partial(ppo.ppo_update, model_config=TOY, optimizer=optimizer,
+                                       ppo_config=ppo_config), donate_argnames="state")
+
     def iteration(state, key):
         sample_key, update_key = jax.random.split(key)
-        rollout, stats = rollout_fn(state.params, sample_key)
-        state, metrics = ppo.ppo_update(state, rollout, update_key, model_config=TOY,
-                                        optimizer=optimizer, ppo_config=ppo_config)
+        rollout, stats = make_rollout(state.params, sample_key)
+        state, metrics = update(state, rollout, update_key)
         return state, {**stats, **metrics}
 
     curve = []
@@ -318,7 +337,7 @@ def test_sharded_update_matches_single_device():
         sharded_state = ppo.init_policy_state(TOY, optimizer, lm, shardings)
         update = ppo.compile_ppo_update(TOY, optimizer, ppo_config, mesh, shardings)
         new_state, metrics = update(sharded_state, rollout, jax.random.key(2))
-    assert new_state.params["lm"]["embed_tokens"]["embedding"].sharding.spec == ("tensor", "fsdp")
+    assert tuple(new_state.params["lm"]["embed_tokens"]["embedding"].sharding.spec) == ("tensor", "fsdp")
     for k in expected:
         np.testing.assert_allclose(metrics[k], expected[k], rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected_state.params)):

@@ -80,10 +80,11 @@ def test_reward_scores_read_the_last_real_token_left_or_right_padded():
     left = jnp.full((1, 8), 42, jnp.int32).at[0, 3:].set(ids)  # padding id is irrelevant
     right_mask = jnp.arange(8)[None] < 5
     left_mask = jnp.arange(8)[None] >= 3
-    scores = reward.reward_scores(cfg, params, jnp.concatenate([right, left]),
-                                  jnp.concatenate([right_mask, left_mask]))
-    unpadded = reward.reward_scores(cfg, params, ids[None, :], jnp.ones((1, 5), bool))
-    features = models.forward(cfg, params["lm"], ids[None, :]).features
+    score = jax.jit(reward.reward_scores, static_argnums=0)
+    scores = score(cfg, params, jnp.concatenate([right, left]),
+                   jnp.concatenate([right_mask, left_mask]))
+    unpadded = score(cfg, params, ids[None, :], jnp.ones((1, 5), bool))
+    features = jax.jit(models.forward, static_argnums=0)(cfg, params["lm"], ids[None, :]).features
     expected = models.scalar_head(params["head"], features)[0, -1]
     np.testing.assert_allclose(scores, [expected, expected], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(unpadded, [expected], rtol=1e-5, atol=1e-5)

