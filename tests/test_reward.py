@@ -118,6 +118,29 @@ def test_encode_pairs_right_pads_to_a_multiple_of_16_and_keeps_the_end():
     assert (cut["rejected_tokens"][:, -1] == tokenizer.eos_token_id).all()
 
 
+def test_length_buckets_are_deterministic_and_cut_padding():
+    tokenizer = load_tokenizer()
+    eos = tokenizer.eos_token_id
+    arrays = reward.encode_pairs(preference_pairs(300, 0), tokenizer, seq_len=160)
+    full = arrays["chosen_tokens"].shape[1]
+    buckets = reward.LengthBuckets(arrays, 16, seed=0, num_steps=40)
+    again = reward.LengthBuckets(arrays, 16, seed=0, num_steps=40)
+    assert len(buckets.widths) > 1 and max(buckets.widths) == full
+    widths = set()
+    for step in range(40):
+        batch = buckets.batch(step)
+        assert all((batch[k] == v).all() for k, v in again.batch(step).items())  # pure in step
+        width = batch["chosen_tokens"].shape[1]
+        widths.add(width)
+        assert all(v.shape == (16, width) for v in batch.values())
+        for side in ("chosen", "rejected"):  # whole rows: each still ends in its EOS
+            last = batch[f"{side}_mask"].sum(1) - 1
+            assert (batch[f"{side}_tokens"][np.arange(16), last] == eos).all()
+        half = buckets.batch(step, slice(8, 16))
+        assert (half["chosen_tokens"] == batch["chosen_tokens"][8:]).all()
+    assert min(widths) < full
+
+
 def test_train_reward_model_end_to_end_and_resume(tmp_path):
     train_sft(tiny_config(num_steps=6), tmp_path / "lm")
     config = tiny_config(batch_size=16, log_every=10, warmup_steps=5)

@@ -63,7 +63,7 @@ def test_rl_safety_trains_reward_model_and_ppo(cot_run, tmp_path):
     config.train.update(batch_size=8, num_steps=2, log_every=1)
     config.checkpoint.update(every=1, keep_every=1)
     config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1)
-    config.reward = dict(num_steps=3, num_pairs=32, seq_len=64)
+    config.reward.update(num_steps=3, num_pairs=32, seq_len=64)
     results = run_safety(config, tmp_path, cot_run)
     assert set(results["by_step"]) == {"1", "2"}
     assert (tmp_path / "reward" / "results.json").exists()

