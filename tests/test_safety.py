@@ -54,22 +54,29 @@ def test_adversarial_tracks_redteam_rate(cot_run, tmp_path):
 def test_bad_method_and_source(tmp_path, cot_run):
     with pytest.raises(ConfigError, match="method"):
         run_safety(safety_config(method="prayer"), tmp_path, cot_run)
+    bad_trainer = safety_config(method="adversarial")
+    bad_trainer.safety.redteam.train_with = "dpo"
+    with pytest.raises(ConfigError, match="train_with"):
+        run_safety(bad_trainer, tmp_path, cot_run)
     with pytest.raises(ConfigError, match="not a training workdir"):
         run_safety(safety_config(), tmp_path, tmp_path / "missing")
 
 
-def test_rl_safety_trains_reward_model_and_ppo(cot_run, tmp_path):
-    config = safety_config(method="rl")
+@pytest.mark.parametrize("method", ["rl", "adversarial"])
+def test_rl_safety_trains_reward_model_and_ppo(cot_run, tmp_path, method):
+    config = safety_config(method=method)
+    config.safety.redteam.train_with = "rl"  # adversarial: red-team prompts join the PPO prompts
     config.train.update(batch_size=8, num_steps=2, log_every=1)
     config.checkpoint.update(every=1, keep_every=1)
-    config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1)
+    config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=16)
     config.reward.update(num_steps=3, num_pairs=32, seq_len=64)
     results = run_safety(config, tmp_path, cot_run)
     assert set(results["by_step"]) == {"1", "2"}
+    assert (tmp_path / "redteam_prompts.jsonl").exists() == (method == "adversarial")
     assert (tmp_path / "reward" / "results.json").exists()
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                  "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg",
                  "policy/entropy_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
-                 "val/ratio"):
+                 "val/ratio", "objective/raw_scores"):
         assert name in logged[-1], name

