@@ -35,6 +35,7 @@ def get_config():
         "l": dict(),  # the model above: 0.9M parameters
     }
     mechanisms = copy.deepcopy(sweep.MECHANISMS)
+    mechanisms["code"]["train"]["num_steps"] = 400  # at 300 the code backdoor came out 0.03-0.22
     config.sweep = dict(
         sizes=sizes, mechanisms=mechanisms, methods=sweep.methods(ppo_iterations=30),
         # Every safety-training cell: a short HHH run with a checkpoint (and evaluation) every 25.
