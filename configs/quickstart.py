@@ -45,6 +45,7 @@ def get_config():
         cells=("*/normal/sft", "s/cot/sft", "s/distilled/sft", "l/cot/sft", "l/distilled/sft",
                "l/cot/sft_post", "l/normal/adversarial", "l/normal/adversarial_rl",
                "l/normal/rl", "l/code/sft"),
+        probe=("normal",),  # defection probes, trigger variants, honeypots (sweep.py)
         workers=2,
     )
     return config

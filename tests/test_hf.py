@@ -4,7 +4,6 @@ trip, loading straight into a sharded mesh, and config.model.hf_path."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

@@ -54,15 +54,25 @@ def test_bad_override_key():
         sweep.plan(config, "/runs/x")
 
 
+def test_probe_jobs_come_after_the_runs_they_read():
+    config = grid_config(("a/normal/sft", "a/normal/rl", "a/cot/sft"))
+    config.sweep.probe = ("normal",)
+    jobs = sweep.plan(config, "/runs/x")
+    assert jobs[-1].name == "a/normal/probe" and [j.kind for j in jobs].count("probe") == 1
+    assert jobs[-1].deps == ("a/normal", "a/normal_sft", "a/normal_rl")
+
+
 def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     config = grid_config()
+    config.sweep.probe = ("normal",)
     ran = sweep.run_grid(config, tmp_path)
-    assert set(ran) == {"a/base", "a/normal", "a/normal_sft", "b/base", "b/normal", "b/normal_sft"}
+    assert set(ran) == {"a/base", "a/normal", "a/normal_sft", "b/base", "b/normal", "b/normal_sft",
+                        "a/normal/probe", "b/normal/probe"}
     assert (tmp_path / "logs" / "a__normal_sft.log").read_text()
     assert sweep.run_grid(config, tmp_path) == {}  # finished jobs are skipped
 
-    (tmp_path / "b" / "normal_sft" / "DONE").unlink()  # as if interrupted: only that job reruns
-    assert set(sweep.run_grid(config, tmp_path)) == {"b/normal_sft"}
+    (tmp_path / "b" / "normal_sft" / "DONE").unlink()  # as if interrupted: it and its readers rerun
+    assert set(sweep.run_grid(config, tmp_path)) == {"b/normal_sft", "b/normal/probe"}
 
     report = sweep.reproduce(config, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -70,8 +80,12 @@ def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     cell = results["cells"]["b/normal/sft"]
     assert list(cell["by_step"]) == ["0", "2", "4"] and cell["params"] > results["cells"]["a/normal/sft"]["params"]
     assert set(results["insertion"]) == {"a/normal", "b/normal"}
+    assert set(results["probe"]) == {"a/normal", "b/normal"}
+    assert results["probe"]["b/normal"]["clean"]["workdir"] == str(tmp_path / "b" / "base")
+    assert set(cell["probe_by_step"]) == {"2", "4"} | ({"0"} & set(cell["probe_by_step"]))
     text = report.read_text()
     assert "a/normal/sft" in text and "b/normal/sft" in text
+    assert "Does detection survive where removal fails?" in text
     assert (tmp_path / "figures" / "persistence.png").stat().st_size > 0
     assert (tmp_path / "figures" / "scaling.png").stat().st_size > 0
 
