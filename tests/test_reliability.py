@@ -158,3 +158,21 @@ def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
                                             + '{"step": 2, "lo')
     MetricsWriter(tmp_path, resume_step=1).close()
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_a_partially_written_checkpoint_is_never_listed_or_loaded(tmp_path):
+    """What kill -9 during a save leaves behind: orbax's temporary directory, renamed only when
+    complete. It is ignored, and the run resumes from the last complete step."""
+    import shutil
+    config = tiny_config()  # 6 steps, checkpoints at 3 and 6
+    train_sft(config, tmp_path)
+    partial = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
+    shutil.copytree(tmp_path / "checkpoints" / "6", partial)
+    for path in partial.rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps() == [3, 6]
+    assert restore_params(tmp_path)[3] == 6
+    config.train.num_steps = 9
+    train_sft(config, tmp_path)
+    assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps()[-1] == 9
