@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 from conftest import tiny_config
@@ -131,7 +132,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path)
     assert "train.nonfinite=skip" in str(error.value)
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps() == [3]
     _, _, params, _ = restore_params(tmp_path)
-    assert all(math.isfinite(float(abs(x).max())) for x in _leaves(params))
+    assert all(math.isfinite(float(abs(x).max())) for x in jax.tree.leaves(params))
     assert not math.isfinite(read_metrics(tmp_path)[-1]["grad_norm"])  # the bad step is logged
 
 
@@ -144,12 +145,7 @@ def test_nonfinite_skip_policy_keeps_the_params_and_counts(tmp_path):
     assert logged[-1]["skipped_steps"] == sum(not math.isfinite(r["grad_norm"]) for r in logged) > 0
     for step in Checkpointer(tmp_path / "checkpoints", read_only=True).steps():
         params = restore_params(tmp_path, step)[2]
-        assert all(math.isfinite(float(abs(x).max())) for x in _leaves(params))
-
-
-def _leaves(tree):
-    import jax
-    return jax.tree.leaves(tree)
+        assert all(math.isfinite(float(abs(x).max())) for x in jax.tree.leaves(params))
 
 
 def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
