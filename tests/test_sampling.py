@@ -77,6 +77,18 @@ def test_cached_greedy_matches_recomputation(params, prompt, greedy):
     assert greedy.tokens_BxN.dtype == np.int32 and greedy.logprobs_BxN.dtype == np.float32
 
 
+def test_segmented_decoding_matches_recomputation(params, prompt, monkeypatch):
+    """Decoding in segments, each over a cache just long enough for it, changes nothing."""
+    assert S._segment_ends(128) == [32, 64, 96, 128] and S._segment_ends(40) == [40]
+    monkeypatch.setattr(S, "_SEGMENT_TOKENS", 4)
+    assert S._segment_ends(13) == [4, 8, 13]
+    out = S.generate(CFG, params, *prompt, jax.random.key(1),
+                     S.SamplingConfig(max_new_tokens=13, temperature=0.0, pad_id=PAD))
+    ref_tokens, ref_logprobs = recompute_greedy(params, *prompt, 13)
+    np.testing.assert_array_equal(out.tokens_BxN, ref_tokens)
+    np.testing.assert_allclose(out.logprobs_BxN, ref_logprobs, atol=1e-4)
+
+
 def test_eos_stops_one_row_only(params, prompt, greedy):
     row, stop = 1, 4
     eos = int(greedy.tokens_BxN[row, stop])
