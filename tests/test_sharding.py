@@ -100,7 +100,7 @@ def test_sharded_greedy_sampling_matches_single_device():
     params = models.init_params(CFG, jax.random.key(0))
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
     tokens, mask = sampling.left_pad(prompts, pad_id=1)
-    settings = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, pad_id=1)
+    settings = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, pad_id=1, keep_features=True)
     reference = sampling.generate(CFG, params, tokens, mask, jax.random.key(0), settings)
     config = tiny_config()
     config.mesh.update(data=2, fsdp=2, tensor=2)
@@ -111,3 +111,4 @@ def test_sharded_greedy_sampling_matches_single_device():
         sharded = jax.device_put(params, shardings)
         out = sampling.generate(CFG, sharded, tokens, mask, jax.random.key(0), settings)
     np.testing.assert_array_equal(out.tokens_BxN, reference.tokens_BxN)
+    np.testing.assert_allclose(out.features_BxNxD, reference.features_BxNxD, atol=1e-5)  # PPO's values
