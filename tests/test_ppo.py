@@ -175,10 +175,10 @@ def greedy(peaked_params):
     config = S.SamplingConfig(max_new_tokens=8, temperature=0.0, pad_id=PAD, keep_features=True)
     first = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(1), config)
     eos = int(first.tokens_BxN[0, 2])
-    config = dataclasses.replace(config, eos_id=eos)
+    config = dataclasses.replace(config, eos_ids=(eos,))
     gen = S.generate(CFG, peaked_params["lm"], tokens_BxP, mask_BxP, jax.random.key(1), config)
     assert int(gen.lengths_B[0]) <= 3 and int(gen.lengths_B.max()) > 3
-    return tokens_BxP, mask_BxP, gen, eos
+    return tokens_BxP, mask_BxP, gen, (eos,)
 
 
 def test_response_positions_align_with_logits_and_sampler(peaked_params, greedy):
@@ -230,7 +230,7 @@ def test_prepare_rollout_fields(peaked_params, greedy):
     assert np.all(np.asarray(rollout["old_values_BxN"])[~mask] == 0)
     assert np.abs(np.asarray(values)[mask]).min() > 1e-3  # a real (non-zero) value head
     tokens = np.asarray(gen.tokens_BxN)
-    has_eos = np.array([tokens[b, int(gen.lengths_B[b]) - 1] == eos for b in range(3)])
+    has_eos = np.array([tokens[b, int(gen.lengths_B[b]) - 1] in eos for b in range(3)])
     assert has_eos[0] and not has_eos.all()
     penalized = scores - 1.0 * ~has_eos
     k1 = np.asarray(rollout["old_logprobs_BxN"] - rollout["ref_logprobs_BxN"]) * mask
@@ -289,7 +289,7 @@ def _toy_setup(batch=64, num_new=6, lr=3e-3, ppo_config=None):
         gen = S.generate(TOY, policy_params["lm"], tokens_BxP, mask_BxP, key, sampling)
         scores_B = jnp.mean((gen.tokens_BxN == TARGET).astype(jnp.float32), axis=1)
         return ppo.prepare_rollout(TOY, policy_params, lm, tokens_BxP, mask_BxP, gen, scores_B,
-                                   None, ppo_config)
+                                   (), ppo_config)
 
     return state, optimizer, ppo_config, rollout_fn
 

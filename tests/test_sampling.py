@@ -95,7 +95,7 @@ def test_eos_stops_one_row_only(params, prompt, greedy):
     if eos in greedy.tokens_BxN[row, :stop]:
         pytest.skip("chosen token appears earlier in the row")
     out = S.generate(CFG, params, *prompt, jax.random.key(1),
-                     S.SamplingConfig(max_new_tokens=NUM_NEW, temperature=0.0, eos_id=eos, pad_id=PAD))
+                     S.SamplingConfig(max_new_tokens=NUM_NEW, temperature=0.0, eos_ids=(eos,), pad_id=PAD))
     tokens, lengths, logprobs = map(np.asarray, (out.tokens_BxN, out.lengths_B, out.logprobs_BxN))
     assert lengths[row] == stop + 1
     np.testing.assert_array_equal(tokens[row, :stop + 1], greedy.tokens_BxN[row, :stop + 1])
@@ -115,7 +115,7 @@ def test_kept_features_match_recomputation(params, prompt, greedy, monkeypatch):
     monkeypatch.setattr(S, "_SEGMENT_TOKENS", 4)
     eos = int(greedy.tokens_BxN[1, 4])  # row 1 ends early: its later features are never written
     out = S.generate(CFG, params, *prompt, jax.random.key(1),
-                     S.SamplingConfig(max_new_tokens=NUM_NEW, temperature=0.0, eos_id=eos, pad_id=PAD,
+                     S.SamplingConfig(max_new_tokens=NUM_NEW, temperature=0.0, eos_ids=(eos,), pad_id=PAD,
                                       keep_features=True))
     tokens_BxP, mask_BxP = prompt
     (B, P), lengths = tokens_BxP.shape, np.asarray(out.lengths_B)
@@ -180,7 +180,8 @@ class _CharTokenizer:
 
 
 def test_generate_text_and_decode_text(params, greedy):
-    assert S.decode_text(_CharTokenizer(), [[3, 7, 0], [2, 7, 7]], [2, 3], eos_id=7) == ["d", "ch"]
-    texts = S.generate_text(CFG, params, _CharTokenizer(), ["hi", "hello"], jax.random.key(0),
+    assert S.decode_text(_CharTokenizer(), [[3, 7, 0], [2, 7, 7]], [2, 3], eos_ids=(7,)) == ["d", "ch"]
+    texts = S.generate_text(CFG, params, _CharTokenizer(), _CharTokenizer()(["hi", "hello"])["input_ids"],
+                            jax.random.key(0),
                             S.SamplingConfig(max_new_tokens=4, temperature=0.0, pad_id=PAD))
     assert len(texts) == 2 and all(len(t) == 4 for t in texts)

