@@ -39,7 +39,7 @@ def _qwen(hf_path, d_model, num_layers, num_heads, num_kv_heads, d_ff, tied):
 def get_config():
     config = base_config()
     config.devices = 32  # chips in the slice; what mesh.fsdp=-1 resolves to in the memory table
-    config.model.update(max_seq_len=1024, compute_dtype="bfloat16", remat=True)
+    config.model.update(max_seq_len=1024, compute_dtype="bfloat16", remat="full")
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     config.base.update(num_steps=0)  # the instruct model is the helpful base
     config.train.update(batch_size=64, seq_len=256, num_steps=400, learning_rate=1e-5,

