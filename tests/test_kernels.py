@@ -35,6 +35,11 @@ def test_gated_mlp():
     _check_grads(kernels.gated_mlp, reference, args, (0, 1, 2))
 
 
+def test_swiglu():
+    _check_grads(kernels.swiglu, lambda g, u: jax.nn.silu(g) * u,
+                 (_normal(0, (2, 5, 12)), _normal(1, (2, 5, 12))), (0, 1))
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_attention(groups):
     B, T, KV, D = 2, 6, 2, 4

