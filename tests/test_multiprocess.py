@@ -42,18 +42,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
+def run_two_processes(worker: str, *args: str) -> list[str]:
+    """Runs the `worker` source in two local processes (4 fake CPU devices each) joined by
+    jax.distributed; returns their outputs once both succeeded."""
     port = _free_port()
     procs = []
     for index in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(index)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / "multi"), str(Path(__file__).parent)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, "-c", worker, *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+def test_two_processes_train_like_one(tmp_path):
+    outputs = run_two_processes(WORKER, str(tmp_path / "multi"), str(Path(__file__).parent))
     results = [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
                for out in outputs]
 
