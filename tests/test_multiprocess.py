@@ -50,10 +50,17 @@ def run_two_processes(worker: str, *args: str) -> list[str]:
     for index in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(index)}
+               "JAX_PROCESS_ID": str(index),
+               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}  # also in processes they spawn
         procs.append(subprocess.Popen([sys.executable, "-c", worker, *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    except subprocess.TimeoutExpired:  # e.g. one host waits in a collective the other never runs
+        for p in procs:
+            p.kill()
+        outputs = [p.communicate()[0] for p in procs]
+        raise AssertionError("timed out:\n" + outputs[0][-3000:] + outputs[1][-3000:]) from None
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     return outputs
 

