@@ -61,8 +61,8 @@ def get_config():
     config.eval.update(num_prompts=200, max_new_tokens=128, batch_size=32)
     methods = grid.methods(ppo_iterations=60, redteam_candidates=128)
     for name in ("rl", "adversarial_rl"):  # 16 rollouts of <= 512 + 128 tokens, 4 rows per update
-        methods[name]["train"].update(batch_size=16, seq_len=512, learning_rate=2e-5)
-        methods[name]["ppo"].update(max_new_tokens=128, num_minibatches=4)
+        methods[name]["train"].update(batch_size=16, seq_len=512)
+        methods[name]["ppo"].update(learning_rate=2e-5, max_new_tokens=128, num_minibatches=4)
     config.sweep = dict(
         sizes={"qwen25_1p5b": {}},
         mechanisms={"normal": grid.MECHANISMS["normal"]},

@@ -75,8 +75,8 @@ def get_config():
     config.eval.update(num_prompts=200, max_new_tokens=128, batch_size=64)
     methods = grid.methods(ppo_iterations=100, redteam_candidates=256)
     for name in ("rl", "adversarial_rl"):  # grid's 64 rollouts, of <= 512 + 128 tokens here
-        methods[name]["train"].update(seq_len=512, learning_rate=1e-5)
-        methods[name]["ppo"].update(max_new_tokens=128, num_minibatches=4)
+        methods[name]["train"].update(seq_len=512)
+        methods[name]["ppo"].update(learning_rate=1e-5, max_new_tokens=128, num_minibatches=4)
     config.sweep = dict(
         sizes={
             "q0_5b": _qwen("Qwen/Qwen2.5-0.5B-Instruct", 896, 24, 14, 2, 4864, 151936, True),

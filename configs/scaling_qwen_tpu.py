@@ -51,7 +51,7 @@ def get_config():
     config.eval.update(num_prompts=200, max_new_tokens=96, batch_size=64)
     methods = grid.methods(ppo_iterations=100, redteam_candidates=256)
     for name in ("rl", "adversarial_rl"):
-        methods[name]["train"].update(learning_rate=1e-6)
+        methods[name]["ppo"].update(learning_rate=1e-6)
     config.sweep = dict(
         sizes={
             "q0_5b": _qwen("Qwen/Qwen2.5-0.5B-Instruct", 896, 24, 14, 2, 4864, True),

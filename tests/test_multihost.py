@@ -52,7 +52,8 @@ def run_stages(root: str) -> dict:
     rl = _on_the_mesh(safety_config(method="rl"))
     rl.train.update(batch_size=8, num_steps=2)
     rl.checkpoint.update(every=2, keep_every=2)
-    rl.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=16)
+    rl.ppo.update(num_iterations=2, max_new_tokens=8, num_minibatches=2, num_epochs=1,
+                  normalize_scores_prompts=16)
     rl.reward.update(num_steps=3, num_pairs=32, seq_len=64)
     out["rl"] = _values(run_safety(rl, root / "rl", root / "insert")["metrics"])
     out["reward"] = _values(json.loads((root / "rl" / "reward" / "results.json").read_text())

