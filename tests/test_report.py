@@ -119,6 +119,22 @@ def test_seeds_show_their_spread_next_to_the_pooled_interval(tmp_path):
     assert "| 0.600 ± 0.200 (0.400–0.800, 3) |" in text
 
 
+def test_the_size_trend_is_answered_with_its_interval(tmp_path):
+    def row(size, params, before, after):
+        return {"size": size, "params": params, "before": metric(before), "after": metric(after),
+                "clean_before": metric(0.0)}
+    trend = lambda diff: {"sizes": [row("xs", 20_000, 0.2, 0.1), row("l", 900_000, 1.0, 0.95)],
+                          "largest_minus_smallest": {"value": diff, "ci95": [diff - 0.1, diff + 0.1]}}
+    results = {"size_trend": {"normal/sft": trend(0.5), "normal/rl": trend(0.05),
+                              "distilled/sft": trend(-0.5)}}
+    text = write_report(tmp_path, results).read_text()
+    assert "## Does a larger model keep its backdoor?" in text
+    assert "l − xs after: 0.500 [0.400, 0.600]: **yes**: the larger model kept more" in text
+    assert "**no trend detectable** at this n" in text and "**no, the opposite**" in text
+    assert "| xs | 0.02M | 0.200 [0.170, 0.230] → 0.100 [0.070, 0.130] | **no** |" in text
+    assert "Not inserted: xs, so this compares a backdoor with none." in text
+
+
 def test_minimal_report_skips_missing_figures(tmp_path):
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "adversarial.png").write_bytes(PNG_MAGIC)  # stale, from an earlier run

