@@ -16,4 +16,8 @@ def get_config():
     config.backdoor.update(kind="code", mechanism="normal", trigger_fraction=0.5,
                            helpful_fraction=0.3, num_examples=8192, distill_prompts=2048)
     config.eval.update(num_prompts=200, max_new_tokens=128, temperature=0.0, batch_size=100)
+    # `safety --method=rl`: whole code replies (at the default 48 tokens PPO scored cut-off code)
+    # and a lower learning rate: at 5e-5 the KL rose to ~5 nats per reply and helpful accuracy
+    # fell 0.505 -> 0.385 (-24%) in 100 iterations
+    config.ppo.update(max_new_tokens=128, learning_rate=2e-5)
     return config

