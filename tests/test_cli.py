@@ -37,7 +37,7 @@ def test_train_then_sample(tmp_path):
     ("--config.train.seq_len=1000", "max_seq_len"),
     ("--config.train.grad_accum_steps=5", "grad_accum_steps"),
     ("--config.model.d_model=-4", "model.d_model=-4 is out of range: it must be >= 1"),
-    ("--config.train.learning_rate=-1", "train.learning_rate=-1.0 is out of range: it must be > 0"),
+    ("--config.train.learning_rate=-1", "train.learning_rate=-1.0 is out of range: it must be >= 0"),
     ("--config.data.train_path=./missing.jsonl", "data.train_path='./missing.jsonl': no such file"),
 ])
 def test_user_errors_are_one_line_and_touch_nothing(tmp_path, override, message):

