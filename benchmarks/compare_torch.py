@@ -125,6 +125,25 @@ def torch_ppo_iteration_seconds(config, repeats: int) -> float:
     return bench.median_seconds(iteration, repeats)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and family (/proc/cpuinfo): RESULTS.md keeps a table per family."""
+    info = Path("/proc/cpuinfo")
+    fields = {}
+    for line in info.read_text().splitlines() if info.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (CPU family {fields.get('cpu family', '?')})"
+
+
+def torch_matmul_flops(n: int = 2048) -> float:
+    """torch's float32 n^3 matmul on this CPU, fastest of 20: the peer's own ceiling."""
+    a = torch.randn(n, n)
+    seconds = bench.median_seconds(lambda: torch.mm(a, a), repeats=20, statistic=min)
+    return 2 * n ** 3 / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
@@ -134,9 +153,10 @@ def main() -> None:
                              "(a shared VM's neighbours slow whole minutes down)")
     args = parser.parse_args()
     peak, source = bench.peak_flops_per_device()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
-          f"threads; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"jax {bench.jax.__version__}; peak {peak / 1e9:.0f} GFLOP/s ({source})\n")
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, jax {bench.jax.__version__};"
+          f" XLA peak {peak / 1e9:.0f} GFLOP/s ({source}); torch's float32 2048^3 matmul "
+          f"{torch_matmul_flops() / 1e9:.0f} GFLOP/s (fastest of 20)\n")
     rows = ["| size | SFT tok/s torch | SFT tok/s ours | ratio | sample tok/s HF generate | "
             "sample tok/s ours | ratio | PPO iter s torch | PPO iter s ours | ratio | PPO iter / "
             "SFT step: torch, ours | our PPO stages / SFT step: generate, score, rollout, update "
