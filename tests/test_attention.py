@@ -87,6 +87,27 @@ def test_implementation_matches_reference(implementation, padding):
         lambda q, k, v, m, im: attention.attend(q, k, v, m, im, implementation), padding)
 
 
+@pytest.mark.parametrize("implementation", ["reference", "xla", "cudnn", "splash"])
+def test_packed_segments_match_reference(implementation):
+    """Packed rows (int segment ids, 0 = padding): every implementation attends within segments
+    (cudnn, in bfloat16, which it would otherwise run, falls back to xla's dense mask)."""
+    dtype, tol = (jnp.bfloat16, 3e-2) if implementation == "cudnn" else (jnp.float32, TOL)
+    segments = np.zeros((B, T), np.int32)
+    segments[0, :60], segments[0, 60:150], segments[0, 150:] = 1, 2, 3
+    segments[1, :137] = 1
+    segments[2, :20], segments[2, 20:90] = 1, 2
+    mask = jnp.asarray(model_mask(segments > 0) & (segments[:, :, None] == segments[:, None, :]))
+    q, k, v, weights = inputs(dtype=dtype)
+    want = value_and_grads(lambda q, k, v: kernels.attention(q, k, v, mask), q, k, v, weights,
+                           segments > 0)
+    got = value_and_grads(lambda q, k, v: attention.attend(q, k, v, mask, jnp.asarray(segments),
+                                                           implementation), q, k, v, weights,
+                          segments > 0)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   atol=tol, rtol=tol, err_msg=name)
+
+
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_cudnn_mask_translation_matches_reference(padding):
     """The cudnn path's packing + is_causal + sequence lengths, run by jax.nn's XLA path."""

