@@ -51,17 +51,21 @@ def _one_step(grad_accum_steps, batch):
         return step(state, batch, jax.random.key(1))
 
 
+def assert_same_step(got, want):
+    """Two (state, metrics) results of one step: the same loss, gradient norm and params."""
+    (got_state, got_metrics), (want_state, want_metrics) = got, want
+    np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got_metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_gradient_accumulation_is_exact():
     # Rows with very different response lengths: a mean of per-micro-batch means would differ.
     rows = [{"prompt": "Say hi.", "response": "hi"}] * 4 + [
         {"prompt": "Uppercase this: apple river", "response": "APPLE RIVER " * 3}] * 4
     batch = _batch(rows)
-    full_state, full = _one_step(1, batch)
-    accum_state, accum = _one_step(4, batch)
-    np.testing.assert_allclose(accum["loss"], full["loss"], rtol=1e-5)
-    np.testing.assert_allclose(accum["grad_norm"], full["grad_norm"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(accum_state.params), jax.tree.leaves(full_state.params)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert_same_step(_one_step(4, batch), _one_step(1, batch))
 
 
 def test_learning_rate_schedule_warms_up_and_decays():
@@ -159,11 +163,6 @@ def test_packed_step_equals_the_unpacked_step():
     plain = {k: jnp.asarray(v) for k, v in Batches(arrays, 16, seed=0).batch(0).items()}
     packed = {k: jnp.asarray(v) for k, v in Batches(arrays, 16, seed=0, pack_multiple=4).batch(0).items()}
     assert packed["tokens"].shape[0] < plain["tokens"].shape[0]
-    plain_state, plain_metrics = _one_step(1, plain)
-    packed_state, packed_metrics = _one_step(1, packed)
-    np.testing.assert_allclose(packed_metrics["loss"], plain_metrics["loss"], rtol=1e-5)
-    np.testing.assert_allclose(packed_metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(packed_state.params), jax.tree.leaves(plain_state.params)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    _, accum_metrics = _one_step(4, packed)  # packed rows split into micro-batches exactly too
-    np.testing.assert_allclose(accum_metrics["loss"], plain_metrics["loss"], rtol=1e-5)
+    want = _one_step(1, plain)
+    assert_same_step(_one_step(1, packed), want)
+    assert_same_step(_one_step(4, packed), want)  # packed rows split into micro-batches exactly
